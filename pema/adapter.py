@@ -1,0 +1,189 @@
+"""The PEMA adapter: a bottleneck (A, B_rct, B_pd) on last-layer context representations."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from pema.errors import AdapterError
+
+VARIANTS = ("faithful", "residual")
+KEY_NORMS = ("raw", "rms")
+SCHEDULES = ("gu", "constant")
+WEIGHTS_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter.json"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Shape, training and inference settings of one adapter, stored beside its weights.
+
+    variant "faithful" is the paper's head, h_pd = B_pd z. variant "residual" adds the normalized
+    key back, h_pd = n(f) + B_pd z: with B_pd = 0 it starts at the frozen model's own distribution
+    and learns only the task's correction (an extension beyond the paper).
+    """
+
+    hidden_size: int
+    rank: int = 512
+    alpha: float = 1.0
+    dropout: float = 0.2
+    variant: str = "faithful"
+    key_norm: str = "raw"
+    kappa: float = 0.2
+    lambda_max: float = 0.9
+    schedule: str = "gu"
+    rho: float = 1.0  # expected target/source token ratio, for the GU length L
+    template: str = ""
+    memory_mode: str = "teacher-forced"
+    model_revision: str = ""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.hidden_size >= 1, f"hidden_size must be positive, got {self.hidden_size}"),
+            (self.rank >= 1, f"rank must be positive, got {self.rank}"),
+            (self.alpha > 0, f"alpha must be positive, got {self.alpha}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}"),
+            (
+                self.key_norm in KEY_NORMS,
+                f"key_norm must be one of {KEY_NORMS}, got {self.key_norm!r}",
+            ),
+            (0 <= self.kappa < 1, f"kappa must be in [0, 1), got {self.kappa}"),
+            (0 <= self.lambda_max <= 1, f"lambda_max must be in [0, 1], got {self.lambda_max}"),
+            (
+                self.schedule in SCHEDULES,
+                f"schedule must be one of {SCHEDULES}, got {self.schedule!r}",
+            ),
+            (self.rho > 0, f"rho must be positive, got {self.rho}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AdapterError(message)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        return AdapterConfig(**{**asdict(self), **changes})
+
+
+def rms_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / rms(x): the final RMSNorm without its learned weight; tames outlier features."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class PemaAdapter(nn.Module):
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, r = config.hidden_size, config.rank
+        self.A = nn.Parameter(torch.empty(r, d))
+        self.B_rct = nn.Parameter(torch.zeros(d, r))
+        self.B_pd = nn.Parameter(torch.zeros(d, r))
+        self.dropout = nn.Dropout(config.dropout)
+        self.reset_A()
+
+    def reset_A(self) -> None:
+        """Kaiming-uniform, as LoRA and nn.Linear initialize their down-projection."""
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def prepare(self, keys: Tensor) -> Tensor:
+        """Keys as the adapter sees them: fp32, normalized if configured (always for residual)."""
+        x = keys.float()
+        if self.config.key_norm == "rms" or self.config.variant == "residual":
+            x = rms_normalize(x)
+        return x
+
+    def bottleneck(self, x: Tensor) -> Tensor:
+        return self.config.scaling * (self.dropout(x) @ self.A.T)
+
+    def reconstruct(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        """h_rct = B_rct z; the phase-1 objective is MSE(h_rct, x) on prepared keys x."""
+        return (self.bottleneck(x) if z is None else z) @ self.B_rct.T
+
+    def predict_hidden(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        """h_pd, the hidden state the LM head turns into P_PEMA."""
+        h = (self.bottleneck(x) if z is None else z) @ self.B_pd.T
+        return x + h if self.config.variant == "residual" else h
+
+    def forward(self, keys: Tensor) -> Tensor:
+        return self.predict_hidden(self.prepare(keys))
+
+    def inference_state(self) -> dict[str, Tensor]:
+        """The weights needed to generate (B_rct only serves training)."""
+        return {"A": self.A.detach(), "B_pd": self.B_pd.detach()}
+
+
+def count_parameters(adapter: PemaAdapter) -> dict[str, int]:
+    return {name: p.numel() for name, p in adapter.named_parameters()}
+
+
+def save_adapter(
+    adapter: PemaAdapter, out_dir: str | Path, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write weights (safetensors) + config (JSON) to out_dir atomically: all or nothing."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors = {k: v.detach().contiguous() for k, v in adapter.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        doc = {"config": asdict(adapter.config), **(extra or {})}
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_adapter(
+    path: str | Path, model_revision: str | None = None
+) -> tuple[PemaAdapter, dict[str, Any]]:
+    """Load an adapter; refuses one trained on another model revision than `model_revision`."""
+    path = Path(path)
+    cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfg_file.is_file() or not weights_file.is_file():
+        raise AdapterError(
+            f"{path}: not an adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
+    try:
+        doc = json.loads(cfg_file.read_text())
+        known = {f.name for f in fields(AdapterConfig)}
+        config = AdapterConfig(**{k: v for k, v in doc["config"].items() if k in known})
+        tensors = load_file(str(weights_file))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorsError) as e:
+        raise AdapterError(f"{path}: unreadable adapter ({e})") from None
+    if model_revision is not None and config.model_revision != model_revision:
+        raise AdapterError(
+            f"{path}: adapter was trained on model revision {config.model_revision}, "
+            f"this model is revision {model_revision}"
+        )
+    adapter = PemaAdapter(config)
+    try:
+        adapter.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise AdapterError(
+            f"{path}: weights do not match the config ({str(e).splitlines()[0]})"
+        ) from None
+    adapter.eval()
+    return adapter, doc

@@ -1,0 +1,288 @@
+"""The frozen model as a source of last-layer hidden states taken *before* the final norm.
+
+Two ways to read them: `encode` (memory building, teacher-forced or free-running) and a
+`DecodeSession` (one hidden state per sequence per step, with a KV cache), which is the small
+"next hidden state" interface that generation runs against, locally or through the coordinator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache, PreTrainedModel
+
+from pema.errors import DataError, ModelError
+from pema.head import HeadSpec, LMHead, find_final_norm
+
+
+class MemoryMode(StrEnum):
+    FREE_RUNNING = "free-running"
+    TEACHER_FORCED = "teacher-forced"
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    """One training pair as token ids: keys are taken for every target token."""
+
+    prompt: Sequence[int]
+    target: Sequence[int]
+
+
+@dataclass
+class Encoded:
+    keys: Tensor  # T x d, float32 values of the model's pre-norm states
+    generated: list[int] | None  # the model's own greedy tokens (free-running mode only)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    revision: str
+    hidden_size: int
+    vocab_size: int
+    max_length: int
+    dtype: str
+    norm_kind: str
+
+
+class DecodeSession(Protocol):
+    """Greedy decoding one token at a time; every call returns f(c) (B x d, fp32) per sequence."""
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> Tensor: ...
+
+    def step(self, tokens: Sequence[int]) -> Tensor: ...
+
+    def close(self) -> None: ...
+
+
+class Backbone(Protocol):
+    """What a tenant needs of the frozen model: metadata, the head, keys, and decoding."""
+
+    info: ModelInfo
+
+    def head(self) -> LMHead: ...
+
+    def encode(
+        self,
+        items: Sequence[EncodeItem],
+        mode: MemoryMode,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Encoded]: ...
+
+    def session(self) -> DecodeSession: ...
+
+
+def token_batches(
+    lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int = 64
+) -> Iterator[list[int]]:
+    """Indices grouped by similar length so that (rows x longest row) stays under the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for i in order:
+        longest = lengths[batch[0]] if batch else lengths[i]
+        if batch and (
+            (len(batch) + 1) * longest > max_batch_tokens or len(batch) >= max_batch_size
+        ):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+class FrozenLM:
+    """A frozen causal LM whose final norm is lifted out into the head.
+
+    The model's own final norm is replaced by identity, so the base model returns pre-norm states;
+    the norm lives on in `head()`, so nothing about the model's distribution is lost.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        name: str,
+        revision: str,
+        max_batch_tokens: int = 4096,
+    ) -> None:
+        self.head_spec = HeadSpec.from_model(model)
+        path, _ = find_final_norm(model)
+        prefix, _, attr = path.rpartition(".")
+        base = model.get_submodule(prefix) if prefix else model
+        setattr(base, attr, nn.Identity())
+        self.model = model
+        self.base = model.base_model
+        self.max_batch_tokens = max_batch_tokens
+        config = model.config
+        max_length = int(
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+        )
+        self.info = ModelInfo(
+            name=name,
+            revision=revision,
+            hidden_size=self.head_spec.weight.shape[1],
+            vocab_size=self.head_spec.weight.shape[0],
+            max_length=max_length,
+            dtype=str(model.dtype).removeprefix("torch."),
+            norm_kind=self.head_spec.norm_kind,
+        )
+        self._head: LMHead | None = None
+
+    def head(self) -> LMHead:
+        if self._head is None:
+            self._head = LMHead(self.head_spec)
+        return self._head
+
+    def validate_ids(self, ids: Sequence[int], what: str) -> None:
+        if not ids:
+            raise DataError(f"{what} is empty")
+        bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise DataError(
+                f"{what} has token id {bad[0]} outside the vocabulary [0, {self.info.vocab_size})"
+            )
+
+    def _check_item(self, item: EncodeItem, index: int) -> None:
+        self.validate_ids(item.prompt, f"item {index}: prompt")
+        self.validate_ids(item.target, f"item {index}: target")
+        total = len(item.prompt) + len(item.target)
+        if total > self.info.max_length:
+            raise DataError(
+                f"item {index}: {total} tokens exceed the model's limit of {self.info.max_length}"
+            )
+
+    @torch.inference_mode()
+    def forward_padded(
+        self,
+        seqs: Sequence[Sequence[int]],
+        cache: DynamicCache | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, DynamicCache, Tensor]:
+        """Left-padded forward pass: returns pre-norm states (B x L x d), the cache, the mask."""
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        new_mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+                new_mask[i, width - len(s) :] = 1
+        mask = new_mask if attention_mask is None else torch.cat([attention_mask, new_mask], dim=1)
+        # Positions count real tokens only, so a left-padded row sees the same positions as alone.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        out = self.base(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state, out.past_key_values, mask
+
+    def encode(
+        self,
+        items: Sequence[EncodeItem],
+        mode: MemoryMode,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Encoded]:
+        """Keys for every target token of every item, in the items' order."""
+        for i, item in enumerate(items):
+            self._check_item(item, i)
+        results: list[Encoded | None] = [None] * len(items)
+        lengths = [len(it.prompt) + len(it.target) for it in items]
+        for batch in token_batches(lengths, self.max_batch_tokens):
+            chunk = [items[i] for i in batch]
+            encoded = (
+                self._teacher_forced(chunk)
+                if mode == MemoryMode.TEACHER_FORCED
+                else self._free_running(chunk)
+            )
+            for i, e in zip(batch, encoded, strict=True):
+                results[i] = e
+            if progress is not None:
+                progress(len(batch))
+        return [r for r in results if r is not None]
+
+    def _teacher_forced(self, items: Sequence[EncodeItem]) -> list[Encoded]:
+        # Key t is the state after prompt + y_<t; the last target token is never an input.
+        seqs = [list(it.prompt) + list(it.target[:-1]) for it in items]
+        hidden, _, _ = self.forward_padded(seqs)
+        return [
+            Encoded(
+                keys=hidden[i, hidden.shape[1] - len(it.target) :].float().clone(), generated=None
+            )
+            for i, it in enumerate(items)
+        ]
+
+    def _free_running(self, items: Sequence[EncodeItem]) -> list[Encoded]:
+        session = LocalSession(self)
+        steps = max(len(it.target) for it in items)
+        keys = torch.empty(len(items), steps, self.info.hidden_size)
+        generated = torch.empty(len(items), steps, dtype=torch.long)
+        h = session.start([it.prompt for it in items])
+        head = self.head()
+        for t in range(steps):
+            keys[:, t] = h
+            with torch.inference_mode():
+                generated[:, t] = head(h).argmax(-1)
+            if t + 1 < steps:
+                # Rows whose target is shorter keep decoding, but their extra states are dropped.
+                h = session.step(generated[:, t].tolist())
+        session.close()
+        return [
+            Encoded(
+                keys=keys[i, : len(it.target)].clone(),
+                generated=generated[i, : len(it.target)].tolist(),
+            )
+            for i, it in enumerate(items)
+        ]
+
+    def session(self) -> LocalSession:
+        return LocalSession(self)
+
+
+class LocalSession:
+    """An in-process DecodeSession over a FrozenLM, holding its KV cache."""
+
+    def __init__(self, lm: FrozenLM) -> None:
+        self.lm = lm
+        self.cache: DynamicCache | None = None
+        self.mask: Tensor | None = None
+        self.length = 0
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> Tensor:
+        if self.cache is not None:
+            raise ModelError("session already started")
+        if not prompts:
+            raise DataError("no prompts")
+        for i, p in enumerate(prompts):
+            self.lm.validate_ids(p, f"prompt {i}")
+        self.length = max(len(p) for p in prompts)
+        if self.length > self.lm.info.max_length:
+            raise DataError(f"prompt of {self.length} tokens exceeds the model's limit")
+        hidden, self.cache, self.mask = self.lm.forward_padded(prompts)
+        return hidden[:, -1].float()
+
+    def step(self, tokens: Sequence[int]) -> Tensor:
+        if self.cache is None or self.mask is None:
+            raise ModelError("session not started")
+        if len(tokens) != self.mask.shape[0]:
+            raise DataError(f"expected {self.mask.shape[0]} tokens, got {len(tokens)}")
+        self.lm.validate_ids(tokens, "step tokens")
+        if self.length + 1 > self.lm.info.max_length:
+            raise DataError(
+                f"sequence reached the model's limit of {self.lm.info.max_length} tokens"
+            )
+        self.length += 1
+        hidden, self.cache, self.mask = self.lm.forward_padded(
+            [[t] for t in tokens], self.cache, self.mask
+        )
+        return hidden[:, -1].float()
+
+    def close(self) -> None:
+        self.cache = None
+        self.mask = None

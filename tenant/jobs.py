@@ -1,0 +1,222 @@
+"""The tenant's workflows (build memory, train, evaluate), shared by the CLI, the Flower client
+and the benchmarks. Progress goes to tqdm bars on stderr."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pema.adapter import AdapterConfig, PemaAdapter, load_adapter, save_adapter
+from pema.backbone import MemoryMode
+from pema.data import Pair, dataset_fingerprint
+from pema.evaluation import score, translate
+from pema.generation import Mixing, token_ratio
+from pema.memory import Memory, MemorySpec, build_memory
+from pema.prompts import PromptFormat
+from pema.training import TrainConfig, TrainEvent, TrainReport, train_adapter
+from tenant.backend import Backend
+from tenant.memory_store import DiskMemoryStore
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class MemoryResult:
+    memory: Memory
+    seconds: float
+    cache_hit: bool
+
+
+def obtain_memory(
+    backend: Backend,
+    fmt: PromptFormat,
+    pairs: Sequence[Pair],
+    mode: MemoryMode,
+    store: DiskMemoryStore | None,
+    tenant: str = "local",
+    desc: str = "memory",
+    quiet: bool = False,
+) -> MemoryResult:
+    """The memory for these pairs: from the cache when present, else built and cached."""
+    spec = MemorySpec(
+        model_revision=backend.backbone.info.revision,
+        dataset_fingerprint=dataset_fingerprint(pairs),
+        template=fmt.template,
+        mode=mode.value,
+    )
+    start = time.perf_counter()
+    cached = store.get(tenant, spec) if store else None
+    if cached is not None:
+        return MemoryResult(cached, time.perf_counter() - start, True)
+    items = fmt.items(pairs)
+    with tqdm(
+        total=len(items), desc=f"building {desc} ({mode.value})", unit="pair", disable=quiet
+    ) as bar:
+        memory = build_memory(backend.backbone, items, spec, progress=bar.update)
+    if store:
+        store.put(tenant, memory)
+    return MemoryResult(memory, time.perf_counter() - start, False)
+
+
+class TrainProgress:
+    """tqdm bars for both phases; validations are printed as lines."""
+
+    def __init__(self, cfg: TrainConfig, quiet: bool = False) -> None:
+        self.cfg = cfg
+        self.quiet = quiet
+        self.bar: tqdm | None = None
+        self.phase = 0
+
+    def __call__(self, e: TrainEvent) -> None:
+        if self.quiet:
+            return
+        if e.phase != self.phase:
+            self.close()
+            self.phase = e.phase
+            epochs = self.cfg.rct_epochs if e.phase == 1 else self.cfg.epochs
+            name = "phase 1 (reconstruction)" if e.phase == 1 else "phase 2 (joint)"
+            self.bar = tqdm(total=epochs * e.steps_per_epoch, desc=name, unit="step")
+        assert self.bar is not None
+        if e.kind == "step":
+            self.bar.update(1)
+            self.bar.set_postfix(epoch=e.epoch, loss=f"{e.loss:.4f}")
+        else:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in e.metrics.items())
+            self.bar.write(f"  phase {e.phase} epoch {e.epoch} step {e.step}: valid {shown}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@dataclass
+class TrainOutcome:
+    adapter: PemaAdapter
+    report: TrainReport
+    train_memory: MemoryResult
+    valid_memory: MemoryResult
+    peak_rss_bytes: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def train_job(
+    backend: Backend,
+    train_pairs: Sequence[Pair],
+    valid_pairs: Sequence[Pair],
+    adapter_config: AdapterConfig,
+    train_config: TrainConfig,
+    out_dir: Path | None,
+    store: DiskMemoryStore | None,
+    tenant: str = "local",
+    quiet: bool = False,
+) -> TrainOutcome:
+    """Build (or load) both memories, train an adapter, and save it atomically to out_dir."""
+    fmt = PromptFormat(backend.tokenizer, adapter_config.template)
+    mode = MemoryMode(adapter_config.memory_mode)
+    train_mem = obtain_memory(backend, fmt, train_pairs, mode, store, tenant, "train memory", quiet)
+    # Validation keys are always teacher-forced: they measure next-token prediction of gold text.
+    valid_mem = obtain_memory(
+        backend, fmt, valid_pairs, MemoryMode.TEACHER_FORCED, store, tenant, "valid memory", quiet
+    )
+    rho = token_ratio(
+        [len(fmt.text_ids(p.source)) for p in train_pairs],
+        [len(fmt.target_ids(p.target)) for p in train_pairs],
+    )
+    config = adapter_config.replace(
+        hidden_size=backend.backbone.info.hidden_size,
+        rho=rho,
+        model_revision=backend.backbone.info.revision,
+    )
+    adapter = PemaAdapter(config)
+    progress = TrainProgress(train_config, quiet)
+    try:
+        report = train_adapter(
+            adapter,
+            backend.backbone.head(),
+            train_mem.memory,
+            valid_mem.memory,
+            train_config,
+            progress,
+        )
+    finally:
+        progress.close()
+    summary = {
+        "model": backend.backbone.info.name,
+        "train_pairs": len(train_pairs),
+        "train_keys": len(train_mem.memory),
+        "valid_keys": len(valid_mem.memory),
+        "memory_build_seconds": round(train_mem.seconds + valid_mem.seconds, 2),
+        "memory_cache_hit": train_mem.cache_hit and valid_mem.cache_hit,
+        "train_seconds": round(report.seconds, 2),
+        "steps": {str(k): v.steps for k, v in report.phases.items()},
+        "valid": {k: round(v, 5) for k, v in report.valid.items()},
+        "train_config": vars(train_config),
+    }
+    if out_dir is not None:
+        save_adapter(adapter, out_dir, extra={"training": summary})
+    return TrainOutcome(adapter, report, train_mem, valid_mem, peak_rss_bytes(), summary)
+
+
+def load_job_adapter(backend: Backend, adapter_dir: Path) -> PemaAdapter:
+    adapter, _ = load_adapter(adapter_dir, model_revision=backend.backbone.info.revision)
+    return adapter
+
+
+def evaluate_job(
+    backend: Backend,
+    adapter: PemaAdapter,
+    pairs: Sequence[Pair],
+    mixing: Mixing | None = None,
+    include_untuned: bool = True,
+    batch_size: int = 16,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """BLEU/chrF of the adapter (and of the untuned model) on the given pairs."""
+    cfg = adapter.config
+    fmt = PromptFormat(backend.tokenizer, cfg.template)
+    mixing = mixing or Mixing(cfg.lambda_max, cfg.schedule)
+    sources = [p.source for p in pairs]
+    refs = [p.target for p in pairs]
+    result: dict[str, Any] = {
+        "n": len(pairs),
+        "lambda_max": mixing.lambda_max,
+        "schedule": mixing.schedule,
+    }
+    if include_untuned:
+        with tqdm(total=len(pairs), desc="generating (untuned)", unit="pair", disable=quiet) as bar:
+            base = translate(
+                backend.backbone,
+                fmt,
+                sources,
+                rho=cfg.rho,
+                batch_size=batch_size,
+                progress=bar.update,
+            )
+        s = score(base, refs)
+        result.update(zero_shot_bleu=s["bleu"], zero_shot_chrf=s["chrf"], zero_shot_outputs=base)
+    with tqdm(total=len(pairs), desc="generating (PEMA)", unit="pair", disable=quiet) as bar:
+        hyps = translate(
+            backend.backbone,
+            fmt,
+            sources,
+            adapter,
+            mixing,
+            cfg.rho,
+            batch_size,
+            progress=bar.update,
+        )
+    result.update(score(hyps, refs), outputs=hyps)
+    return result
