@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -171,7 +171,7 @@ def load_adapter(
         known = {f.name for f in fields(AdapterConfig)}
         config = AdapterConfig(**{k: v for k, v in doc["config"].items() if k in known})
         tensors = load_file(str(weights_file))
-    except (OSError, ValueError, KeyError, TypeError, SafetensorsError) as e:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise AdapterError(f"{path}: unreadable adapter ({e})") from None
     if model_revision is not None and config.model_revision != model_revision:
         raise AdapterError(

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorsError, safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -108,6 +108,7 @@ class LMHead(nn.Module):
             "norm_bias", spec.norm_bias.float() if spec.norm_bias is not None else None
         )
         self.register_buffer("bias", spec.bias.float() if spec.bias is not None else None)
+        self._weight_cache: dict[torch.dtype, Tensor] = {}
 
     @property
     def hidden_size(self) -> int:
@@ -139,12 +140,35 @@ class LMHead(nn.Module):
     def log_probs(self, h: Tensor) -> Tensor:
         return torch.log_softmax(self.forward(h), dim=-1)
 
-    def cross_entropy(self, h: Tensor, targets: Tensor, chunk_size: int = 256) -> Tensor:
-        """Mean CE(H(h), targets) without ever holding the full batch of logits or their gradient."""
+    def cross_entropy(
+        self,
+        h: Tensor,
+        targets: Tensor,
+        chunk_size: int = 256,
+        matmul_dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Mean CE(H(h), targets) without ever holding the full batch of logits or their gradient.
+
+        `matmul_dtype` bfloat16 runs the two V x d products 2.4x faster on this CPU; the softmax,
+        the loss and the gradient that leaves this function stay fp32.
+        """
         n = self.normalize(h)
         return _ChunkedLinearCE.apply(
-            n, self.weight, self.bias, targets.long(), self.spec.softcap, chunk_size
+            n,
+            self._weight_as(matmul_dtype),
+            self.bias,
+            targets.long(),
+            self.spec.softcap,
+            chunk_size,
         )
+
+    def _weight_as(self, dtype: torch.dtype) -> Tensor:
+        if dtype == self.weight.dtype:
+            return self.weight
+        cached = self._weight_cache.get(dtype)
+        if cached is None:
+            cached = self._weight_cache[dtype] = self.weight.to(dtype)
+        return cached
 
     @torch.no_grad()
     def top1_correct(self, h: Tensor, targets: Tensor, chunk_size: int = 1024) -> int:
@@ -175,7 +199,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_n = torch.empty_like(n) if n.requires_grad else None
         for i in range(0, rows, chunk_size):
             nc, tc = n[i : i + chunk_size], targets[i : i + chunk_size]
-            z = F.linear(nc, weight, bias)
+            z = F.linear(nc.to(weight.dtype), weight).float()
+            if bias is not None:
+                z = z + bias
             if softcap:
                 t = torch.tanh(z / softcap)
                 logits = t * softcap
@@ -188,7 +214,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 g[torch.arange(len(tc)), tc] -= 1.0
                 if softcap:
                     g *= 1.0 - t * t
-                grad_n[i : i + chunk_size] = (g @ weight) / rows
+                grad_n[i : i + chunk_size] = (g.to(weight.dtype) @ weight).float() / rows
         ctx.save_for_backward(grad_n)
         return total / rows
 
@@ -233,5 +259,5 @@ def load_head(path: str | Path) -> HeadSpec:
             bias=t.get("bias"),
             softcap=float(meta["softcap"]) or None,
         )
-    except (OSError, KeyError, ValueError, SafetensorsError) as e:
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
         raise ModelError(f"{path}: not a readable head ({e})") from None

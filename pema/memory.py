@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -107,7 +107,7 @@ class Memory:
             tensors = load_file(str(path))
             spec = MemorySpec(**json.loads(meta["spec"]))
             memory = cls(spec, tensors["keys"], tensors["targets"], tensors["offsets"])
-        except (OSError, SafetensorsError, KeyError, TypeError, ValueError) as e:
+        except (OSError, SafetensorError, KeyError, TypeError, ValueError) as e:
             raise MemoryFormatError(f"{path}: not a readable memory ({e})") from None
         if memory.fingerprint() != meta.get("fingerprint"):
             raise MemoryFormatError(f"{path}: content does not match its fingerprint (corrupt)")

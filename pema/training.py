@@ -28,6 +28,7 @@ class TrainConfig:
     eval_every: int = 100  # optimizer steps between validations (and at each epoch end)
     seed: int = 0
     ce_chunk_size: int = 256
+    head_matmul_dtype: str = "bfloat16"  # or "float32"
 
     def __post_init__(self) -> None:
         for name in ("rct_batch_size", "batch_size", "eval_every", "ce_chunk_size"):
@@ -35,6 +36,10 @@ class TrainConfig:
                 raise PemaError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.rct_epochs < 0 or self.epochs < 0:
             raise PemaError("epochs must not be negative")
+        if self.head_matmul_dtype not in ("bfloat16", "float32"):
+            raise PemaError(
+                f"head_matmul_dtype must be bfloat16 or float32, got {self.head_matmul_dtype}"
+            )
         if not self.lr > 0:
             raise PemaError(f"lr must be positive, got {self.lr}")
 
@@ -167,6 +172,7 @@ def _run_phase(
             loss = loss_fn(memory.keys[idx], memory.targets[idx].long())
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            loss = loss.detach()
             opt.step()
             report.steps += 1
             if callback:
@@ -221,7 +227,12 @@ def train_adapter(
     def joint_loss(keys: Tensor, targets: Tensor) -> Tensor:
         x = adapter.prepare(keys)
         z = adapter.bottleneck(x)
-        ce = head.cross_entropy(adapter.predict_hidden(x, z), targets, cfg.ce_chunk_size)
+        ce = head.cross_entropy(
+            adapter.predict_hidden(x, z),
+            targets,
+            cfg.ce_chunk_size,
+            getattr(torch, cfg.head_matmul_dtype),
+        )
         if kappa == 0:
             return ce
         return kappa * F.mse_loss(adapter.reconstruct(x, z), x) + (1 - kappa) * ce
