@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from pema.memory import Memory, MemorySpec, build_memory
 from pema.prompts import PromptFormat
 from pema.training import TrainConfig, TrainEvent, TrainReport, train_adapter
 from tenant.backend import Backend
-from tenant.memory_store import DiskMemoryStore
+from tenant.memory_store import ShardedMemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,15 @@ log = logging.getLogger(__name__)
 def peak_rss_bytes() -> int:
     """The process's peak resident set size (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _advance(bar: tqdm) -> Callable[[int], None]:
+    """A progress callback for a tqdm bar (whose update returns a flag callbacks do not have)."""
+
+    def update(n: int) -> None:
+        bar.update(n)
+
+    return update
 
 
 @dataclass
@@ -44,7 +53,7 @@ def obtain_memory(
     fmt: PromptFormat,
     pairs: Sequence[Pair],
     mode: MemoryMode,
-    store: DiskMemoryStore | None,
+    store: ShardedMemoryStore | None,
     tenant: str = "local",
     desc: str = "memory",
     quiet: bool = False,
@@ -64,9 +73,14 @@ def obtain_memory(
     with tqdm(
         total=len(items), desc=f"building {desc} ({mode.value})", unit="pair", disable=quiet
     ) as bar:
-        memory = build_memory(backend.backbone, items, spec, progress=bar.update)
-    if store:
-        store.put(tenant, memory)
+        if store is None:
+            memory = build_memory(backend.backbone, items, spec, progress=_advance(bar))
+        else:
+            # Shard-wise, so an interrupted build resumes from the shards already stored.
+            def build_part(lo: int, hi: int) -> Memory:
+                return build_memory(backend.backbone, items[lo:hi], spec, progress=_advance(bar))
+
+            memory = store.build(tenant, spec, len(items), build_part)
     return MemoryResult(memory, time.perf_counter() - start, False)
 
 
@@ -119,7 +133,7 @@ def train_job(
     adapter_config: AdapterConfig,
     train_config: TrainConfig,
     out_dir: Path | None,
-    store: DiskMemoryStore | None,
+    store: ShardedMemoryStore | None,
     tenant: str = "local",
     quiet: bool = False,
 ) -> TrainOutcome:
@@ -203,7 +217,7 @@ def evaluate_job(
                 sources,
                 rho=cfg.rho,
                 batch_size=batch_size,
-                progress=bar.update,
+                progress=_advance(bar),
             )
         s = score(base, refs)
         result.update(zero_shot_bleu=s["bleu"], zero_shot_chrf=s["chrf"], zero_shot_outputs=base)
@@ -216,7 +230,7 @@ def evaluate_job(
             mixing,
             cfg.rho,
             batch_size,
-            progress=bar.update,
+            progress=_advance(bar),
         )
     result.update(score(hyps, refs), outputs=hyps)
     return result

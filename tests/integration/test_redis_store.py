@@ -1,0 +1,243 @@
+"""The Redis memory cache against the real Redis at 127.0.0.1:6379 (and the disk cache, which
+shares its shard mechanism). Every test uses its own tenant ids and deletes its keys and users."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+from redis.exceptions import NoPermissionError
+from tiny_model import KJV, make_tiny_model
+
+from pema.backbone import Backbone, Encoded, EncodeItem, MemoryMode
+from pema.data import Pair, read_pairs
+from pema.memory import Memory
+from pema.prompts import PromptFormat
+from tenant.backend import Backend, local_backend
+from tenant.jobs import MemoryResult, obtain_memory
+from tenant.memory_store import CacheError, DiskMemoryStore, ShardedMemoryStore
+from tenant.redis_store import RedisMemoryStore, open_memory_store, tenant_acl_rules
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+SHARD_PAIRS = 8
+N_PAIRS = 30  # 4 shards: 8 + 8 + 8 + 6
+
+
+class CountingBackbone:
+    """Counts encode calls (and pairs encoded); can fail after a number of calls."""
+
+    def __init__(self, inner: Backbone, fail_after: int | None = None) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.calls = 0
+        self.items = 0
+        self.fail_after = fail_after
+
+    def head(self):  # type: ignore[no-untyped-def]
+        return self.inner.head()
+
+    def session(self):  # type: ignore[no-untyped-def]
+        return self.inner.session()
+
+    def encode(
+        self,
+        items: Sequence[EncodeItem],
+        mode: MemoryMode,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Encoded]:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        self.items += len(items)
+        return self.inner.encode(items, mode, progress)
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Backend:
+    model = make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return local_backend(model, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[Pair]:
+    return read_pairs(KJV / "train.tsv", N_PAIRS)
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(REDIS_URL)
+    try:
+        c.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def tenant(client: redis.Redis) -> Iterator[str]:
+    """A unique tenant id; its keys are deleted afterwards."""
+    name = f"t{uuid.uuid4().hex[:12]}"
+    yield name
+    keys = list(client.scan_iter(match=f"pema:{name}:*"))
+    if keys:
+        client.delete(*keys)
+
+
+def run(
+    backend: Backend,
+    pairs: list[Pair],
+    store: ShardedMemoryStore | None,
+    tenant: str,
+    fail_after: int | None = None,
+) -> tuple[MemoryResult, CountingBackbone]:
+    counting = CountingBackbone(backend.backbone, fail_after)
+    counted = Backend(counting, backend.tokenizer)
+    fmt = PromptFormat(backend.tokenizer)
+    result = obtain_memory(
+        counted, fmt, pairs, MemoryMode.TEACHER_FORCED, store, tenant, quiet=True
+    )
+    return result, counting
+
+
+def same(a: Memory, b: Memory) -> bool:
+    return (
+        a.spec == b.spec
+        and torch.equal(a.keys, b.keys)
+        and torch.equal(a.targets, b.targets)
+        and torch.equal(a.offsets, b.offsets)
+    )
+
+
+def test_round_trip_layout_and_ttl(
+    backend: Backend, pairs: list[Pair], client: redis.Redis, tenant: str
+) -> None:
+    fresh, _ = run(backend, pairs, None, tenant)
+    store = RedisMemoryStore.connect(REDIS_URL, ttl_seconds=600, shard_pairs=SHARD_PAIRS)
+    store.put(tenant, fresh.memory)
+    got = store.get(tenant, fresh.memory.spec)
+    assert got is not None and same(got, fresh.memory)
+    assert got.keys.dtype == torch.float16
+    prefix = f"pema:{tenant}:mem:{fresh.memory.spec.address}"
+    keys = sorted(k.decode() for k in client.scan_iter(match=f"pema:{tenant}:*"))
+    assert keys == sorted([f"{prefix}:manifest"] + [f"{prefix}:shard:{i}" for i in range(4)])
+    assert all(0 < client.ttl(k) <= 600 for k in keys)
+
+
+def test_disk_round_trip(backend: Backend, pairs: list[Pair], tmp_path: Path) -> None:
+    fresh, _ = run(backend, pairs, None, "local")
+    store = DiskMemoryStore(tmp_path, SHARD_PAIRS)
+    store.put("local", fresh.memory)
+    got = store.get("local", fresh.memory.spec)
+    assert got is not None and same(got, fresh.memory)
+
+
+def test_second_run_is_a_cache_hit_without_encoding(
+    backend: Backend, pairs: list[Pair], tenant: str
+) -> None:
+    store = RedisMemoryStore.connect(REDIS_URL, shard_pairs=SHARD_PAIRS)
+    first, c1 = run(backend, pairs, store, tenant)
+    assert not first.cache_hit and c1.calls == 4 and c1.items == N_PAIRS
+    second, c2 = run(backend, pairs, store, tenant)
+    assert second.cache_hit and c2.calls == 0
+    assert same(first.memory, second.memory)
+
+
+@pytest.mark.parametrize("kind", ["redis", "disk"])
+def test_interrupted_build_resumes(
+    backend: Backend, pairs: list[Pair], tenant: str, tmp_path: Path, kind: str
+) -> None:
+    store: ShardedMemoryStore = (
+        RedisMemoryStore.connect(REDIS_URL, shard_pairs=SHARD_PAIRS)
+        if kind == "redis"
+        else DiskMemoryStore(tmp_path / "cache", SHARD_PAIRS)
+    )
+    # Batching changes float rounding, so the reference is an uninterrupted build in equal shards.
+    fresh, _ = run(backend, pairs, DiskMemoryStore(tmp_path / "ref", SHARD_PAIRS), tenant)
+    with pytest.raises(KeyboardInterrupt):
+        run(backend, pairs, store, tenant, fail_after=2)
+    # Two shards are stored, but without a manifest a reader sees no memory at all.
+    assert store.get(tenant, fresh.memory.spec) is None
+    resumed, counting = run(backend, pairs, store, tenant)
+    assert not resumed.cache_hit
+    assert counting.calls == 2 and counting.items == N_PAIRS - 2 * SHARD_PAIRS
+    assert same(resumed.memory, fresh.memory)
+    assert run(backend, pairs, store, tenant)[0].cache_hit
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "evicted"])
+def test_damaged_shard_is_rebuilt_not_used(
+    backend: Backend, pairs: list[Pair], client: redis.Redis, tenant: str, damage: str
+) -> None:
+    store = RedisMemoryStore.connect(REDIS_URL, shard_pairs=SHARD_PAIRS)
+    first, _ = run(backend, pairs, store, tenant)
+    key = f"pema:{tenant}:mem:{first.memory.spec.address}:shard:1"
+    if damage == "corrupt":
+        blob = bytearray(client.get(key) or b"")
+        blob[len(blob) // 2] ^= 0xFF  # one flipped byte inside the keys
+        client.set(key, bytes(blob))
+    else:
+        client.delete(key)
+    assert store.get(tenant, first.memory.spec) is None
+    again, counting = run(backend, pairs, store, tenant)
+    assert not again.cache_hit
+    assert counting.calls == 1 and counting.items == SHARD_PAIRS  # only shard 1 re-encoded
+    assert same(again.memory, first.memory)
+
+
+def test_acl_isolates_tenants(backend: Backend, pairs: list[Pair], client: redis.Redis) -> None:
+    tenants = [f"a{uuid.uuid4().hex[:10]}", f"b{uuid.uuid4().hex[:10]}"]
+    users = {t: f"pema-test-{t}" for t in tenants}
+    passwords = {t: secrets.token_hex(16) for t in tenants}
+    try:
+        for t in tenants:
+            client.execute_command("ACL", "SETUSER", users[t], *tenant_acl_rules(t, passwords[t]))
+        url = {t: f"redis://{users[t]}:{passwords[t]}@127.0.0.1:6379/0" for t in tenants}
+        a, b = tenants
+        store_b = RedisMemoryStore.connect(url[b], shard_pairs=SHARD_PAIRS)
+        built, _ = run(backend, pairs, store_b, b)  # tenant B writes with its own credentials
+        spec = built.memory.spec
+        assert store_b.get(b, spec) is not None
+        client_a = redis.Redis.from_url(url[a])
+        with pytest.raises(NoPermissionError):
+            client_a.get(f"pema:{b}:mem:{spec.address}:manifest")
+        with pytest.raises(NoPermissionError):
+            client_a.scan(match=f"pema:{b}:*")
+        store_a = RedisMemoryStore(client_a, shard_pairs=SHARD_PAIRS)
+        with pytest.raises(CacheError, match="NOPERM"):
+            store_a.get(b, spec)
+        client_a.set(f"pema:{a}:probe", b"ok")  # its own prefix works
+        assert client_a.get(f"pema:{a}:probe") == b"ok"
+        client_a.close()
+    finally:
+        for t in tenants:
+            client.execute_command("ACL", "DELUSER", users[t])
+            keys = list(client.scan_iter(match=f"pema:{t}:*"))
+            if keys:
+                client.delete(*keys)
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again: nothing listens there
+
+
+def test_redis_down_at_start(
+    backend: Backend, pairs: list[Pair], client: redis.Redis, tenant: str, tmp_path: Path
+) -> None:
+    url = f"redis://127.0.0.1:{_dead_port()}/0"
+    with pytest.raises(CacheError, match=r"Redis memory cache at redis://127\.0\.0\.1:\d+/0 is"):
+        open_memory_store(url, tmp_path, fallback="fail")
+    store = open_memory_store(url, tmp_path, fallback="disk", shard_pairs=SHARD_PAIRS)
+    assert isinstance(store, DiskMemoryStore)
+    first, _ = run(backend, pairs, store, tenant)
+    assert run(backend, pairs, store, tenant)[0].cache_hit
+    assert list(client.scan_iter(match=f"pema:{tenant}:*")) == []
+    assert (tmp_path / tenant / first.memory.spec.address / "manifest").is_file()
