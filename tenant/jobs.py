@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from pema.adapter import AdapterConfig, PemaAdapter, load_adapter, save_adapter
@@ -20,7 +22,7 @@ from pema.evaluation import score, translate
 from pema.generation import Mixing, token_ratio
 from pema.memory import Memory, MemorySpec, build_memory
 from pema.prompts import PromptFormat
-from pema.training import TrainConfig, TrainEvent, TrainReport, train_adapter
+from pema.training import Callback, TrainConfig, TrainEvent, TrainReport, train_adapter
 from tenant.backend import Backend
 from tenant.memory_store import ShardedMemoryStore
 
@@ -136,8 +138,14 @@ def train_job(
     store: ShardedMemoryStore | None,
     tenant: str = "local",
     quiet: bool = False,
+    start_state: dict[str, Tensor] | None = None,
+    phases: tuple[int, ...] = (1, 2),
+    on_event: Callback | None = None,
 ) -> TrainOutcome:
-    """Build (or load) both memories, train an adapter, and save it atomically to out_dir."""
+    """Build (or load) both memories, train an adapter, and save it atomically to out_dir.
+
+    A federated round passes `start_state` (its last checkpoint or its group's average) and
+    `phases=(2,)` to continue training; `on_event` sees every training event (metrics)."""
     fmt = PromptFormat(backend.tokenizer, adapter_config.template)
     mode = MemoryMode(adapter_config.memory_mode)
     train_mem = obtain_memory(backend, fmt, train_pairs, mode, store, tenant, "train memory", quiet)
@@ -154,8 +162,18 @@ def train_job(
         rho=rho,
         model_revision=backend.backbone.info.revision,
     )
+    # Seeded, so that tenants averaged together start from the same initial adapter.
+    torch.manual_seed(train_config.seed)
     adapter = PemaAdapter(config)
+    if start_state is not None:
+        adapter.load_state_dict(start_state)
     progress = TrainProgress(train_config, quiet)
+
+    def callback(event: TrainEvent) -> None:
+        progress(event)
+        if on_event is not None:
+            on_event(event)
+
     try:
         report = train_adapter(
             adapter,
@@ -163,7 +181,8 @@ def train_job(
             train_mem.memory,
             valid_mem.memory,
             train_config,
-            progress,
+            callback,
+            phases,
         )
     finally:
         progress.close()
