@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit lint format typecheck bench clean
+.PHONY: setup demo test test-unit lint format typecheck bench clean protos check-protos
 
 setup: $(STAMP)
 
@@ -38,6 +38,14 @@ format: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.quality
+
+# gRPC stubs in proto/gen/ are generated from proto/**/*.proto and committed.
+protos: setup
+	$(BIN)/python -m proto.generate
+
+# Regenerates into a temp dir and fails when the committed stubs differ.
+check-protos: setup
+	$(BIN)/python -m proto.generate --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

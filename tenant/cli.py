@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,8 @@ from pema.generation import Mixing
 from pema.models import cache_dir
 from pema.prompts import DEFAULT_TEMPLATE, PromptFormat
 from pema.training import TrainConfig
-from tenant.backend import local_backend
+from tenant.backend import Backend, coordinator_backend, local_backend
+from tenant.coordinator_client import TlsOptions
 from tenant.jobs import evaluate_job, load_job_adapter, train_job
 from tenant.memory_store import DiskMemoryStore
 
@@ -54,6 +56,35 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="local Hugging Face causal-LM folder (default: SmolLM2-135M-Instruct)",
     )
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=None,
+        help="use the frozen model behind this coordinator instead of loading it here",
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("PEMA_TOKEN"),
+        help="the tenant's coordinator token (default: $PEMA_TOKEN)",
+    )
+    p.add_argument(
+        "--tls-ca", type=Path, default=None, help="CA that signed the coordinator's cert"
+    )
+    p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="client key (mutual TLS)")
+
+
+def _backend(args: argparse.Namespace) -> Backend:
+    """The coordinator's model when --coordinator is given, else the model in this process."""
+    if args.coordinator is None:
+        return local_backend(args.model)
+    if args.model is not None:
+        raise PemaError("--model and --coordinator exclude each other")
+    if not args.token:
+        raise PemaError("--coordinator needs --token (or PEMA_TOKEN)")
+    use_tls = args.tls_ca or args.tls_cert or args.tls_key
+    tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key) if use_tls else None
+    return coordinator_backend(args.coordinator, args.token, tls)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.out.exists() and not args.out.is_dir():
         raise PemaError(f"{args.out}: exists and is not a folder")
-    backend = local_backend(args.model)
+    backend = _backend(args)
     store = None if args.no_cache else DiskMemoryStore(cache_dir() / "memories")
     outcome = train_job(
         backend,
@@ -172,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     pairs = read_pairs(args.test, args.limit)
-    backend = local_backend(args.model)
+    backend = _backend(args)
     adapter = load_job_adapter(backend, args.adapter)
     cfg = adapter.config
     mixing = Mixing(
@@ -194,7 +225,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    backend = local_backend(args.model)
+    backend = _backend(args)
     adapter = load_job_adapter(backend, args.adapter)
     cfg = adapter.config
     fmt = PromptFormat(backend.tokenizer, cfg.template)
