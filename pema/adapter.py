@@ -47,6 +47,10 @@ class AdapterConfig:
     template: str = ""
     memory_mode: str = "teacher-forced"
     model_revision: str = ""
+    # AdaMix on PEMA: M copies of A share B_pd; training routes each pass through a random copy
+    # with a consistency loss, inference uses the copies' average (the only A a checkpoint holds).
+    mixture: int = 1
+    mixture_consistency: float = 1.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -66,6 +70,11 @@ class AdapterConfig:
                 f"schedule must be one of {SCHEDULES}, got {self.schedule!r}",
             ),
             (self.rho > 0, f"rho must be positive, got {self.rho}"),
+            (self.mixture >= 1, f"mixture must be at least 1, got {self.mixture}"),
+            (
+                self.mixture_consistency >= 0,
+                f"mixture_consistency must not be negative, got {self.mixture_consistency}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -93,11 +102,31 @@ class PemaAdapter(nn.Module):
         self.B_rct = nn.Parameter(torch.zeros(d, r))
         self.B_pd = nn.Parameter(torch.zeros(d, r))
         self.dropout = nn.Dropout(config.dropout)
+        # The AdaMix copies of A (M x r x d), trained in place of A when mixture > 1.
+        self.A_mix = nn.Parameter(torch.empty(config.mixture, r, d)) if config.mixture > 1 else None
         self.reset_A()
 
     def reset_A(self) -> None:
-        """Kaiming-uniform, as LoRA and nn.Linear initialize their down-projection."""
+        """Kaiming-uniform, as LoRA and nn.Linear initialize their down-projection; AdaMix
+        copies all start from that same A."""
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.spread_A()
+
+    def spread_A(self) -> None:
+        """Set every mixture copy to A (identical init, or continuing from an averaged A)."""
+        if self.A_mix is not None:
+            with torch.no_grad():
+                self.A_mix.copy_(self.A.detach().expand_as(self.A_mix))
+
+    def trainable_A(self) -> nn.Parameter:
+        """The parameter that trains in A's place: the copies under AdaMix, else A."""
+        return self.A if self.A_mix is None else self.A_mix
+
+    def collapse_mixture(self) -> None:
+        """A := the copies' average, what inference uses and what a checkpoint stores."""
+        if self.A_mix is not None:
+            with torch.no_grad():
+                self.A.copy_(self.A_mix.mean(0))
 
     def prepare(self, keys: Tensor) -> Tensor:
         """Keys as the adapter sees them: fp32, normalized if configured (always for residual)."""
@@ -107,7 +136,14 @@ class PemaAdapter(nn.Module):
         return x
 
     def bottleneck(self, x: Tensor) -> Tensor:
-        return self.config.scaling * (self.dropout(x) @ self.A.T)
+        A: Tensor = self.A
+        if self.A_mix is not None:
+            # One random copy per pass in training (for the whole batch); the average otherwise.
+            if self.training:
+                A = self.A_mix[int(torch.randint(self.A_mix.shape[0], ()))]
+            else:
+                A = self.A_mix.mean(0)
+        return self.config.scaling * (self.dropout(x) @ A.T)
 
     def reconstruct(self, x: Tensor, z: Tensor | None = None) -> Tensor:
         """h_rct = B_rct z; the phase-1 objective is MSE(h_rct, x) on prepared keys x."""
@@ -123,7 +159,8 @@ class PemaAdapter(nn.Module):
 
     def inference_state(self) -> dict[str, Tensor]:
         """The weights needed to generate (B_rct only serves training)."""
-        return {"A": self.A.detach(), "B_pd": self.B_pd.detach()}
+        A = self.A if self.A_mix is None else self.A_mix.mean(0)
+        return {"A": A.detach(), "B_pd": self.B_pd.detach()}
 
 
 def count_parameters(adapter: PemaAdapter) -> dict[str, int]:
@@ -138,7 +175,11 @@ def save_adapter(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tensors = {k: v.detach().contiguous() for k, v in adapter.state_dict().items()}
+        adapter.collapse_mixture()
+        # Mixture copies are training state: the checkpoint keeps their average in A only.
+        tensors = {
+            k: v.detach().contiguous() for k, v in adapter.state_dict().items() if k != "A_mix"
+        }
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         doc = {"config": asdict(adapter.config), **(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
@@ -180,6 +221,9 @@ def load_adapter(
         )
     adapter = PemaAdapter(config)
     try:
+        if adapter.A_mix is not None and "A" in tensors:
+            # The checkpoint holds the averaged A; the copies restart from it, identically.
+            tensors["A_mix"] = tensors["A"].expand_as(adapter.A_mix).clone()
         adapter.load_state_dict(tensors)
     except RuntimeError as e:
         raise AdapterError(

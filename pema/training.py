@@ -29,6 +29,10 @@ class TrainConfig:
     seed: int = 0
     ce_chunk_size: int = 256
     head_matmul_dtype: str = "bfloat16"  # or "float32"
+    # DP-SGD (pema.peers.private): a target ε turns it on; the privacy unit is a training pair.
+    dp_epsilon: float | None = None
+    dp_max_grad_norm: float = 1.0
+    dp_batch_pairs: int = 32  # expected pairs per Poisson-sampled batch
 
     def __post_init__(self) -> None:
         for name in ("rct_batch_size", "batch_size", "eval_every", "ce_chunk_size"):
@@ -42,6 +46,10 @@ class TrainConfig:
             )
         if not self.lr > 0:
             raise PemaError(f"lr must be positive, got {self.lr}")
+        if self.dp_epsilon is not None and not self.dp_epsilon > 0:
+            raise PemaError(f"dp_epsilon must be positive, got {self.dp_epsilon}")
+        if not self.dp_max_grad_norm > 0 or self.dp_batch_pairs < 1:
+            raise PemaError("dp_max_grad_norm must be positive and dp_batch_pairs at least 1")
 
 
 @dataclass
@@ -71,6 +79,7 @@ class PhaseReport:
 class TrainReport:
     phases: dict[int, PhaseReport]
     valid: dict[str, float]
+    privacy: dict[str, float | int | str] | None = None  # DP training: the accountant's figures
 
     @property
     def seconds(self) -> float:
@@ -78,6 +87,14 @@ class TrainReport:
 
 
 Callback = Callable[[TrainEvent], None]
+
+
+def symmetric_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """AdaMix's consistency term ½ [KL(sg(p) ‖ q) + KL(sg(q) ‖ p)], averaged over rows."""
+    lp, lq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
+    kl_pq = F.kl_div(lq, lp.detach(), log_target=True, reduction="batchmean")
+    kl_qp = F.kl_div(lp, lq.detach(), log_target=True, reduction="batchmean")
+    return 0.5 * (kl_pq + kl_qp)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
@@ -99,34 +116,36 @@ class _EarlyStop:
 
 @torch.no_grad()
 def evaluate_memory(
-    adapter: PemaAdapter, head: LMHead, memory: Memory, batch_size: int = 2048, chunk: int = 512
+    adapter: PemaAdapter,
+    head: LMHead,
+    memory: Memory,
+    batch_size: int = 1024,
+    with_model_baseline: bool = False,
 ) -> dict[str, float]:
-    """Validation figures: reconstruction MSE, CE and top-1 of P_PEMA, joint loss, and the
-    frozen model's own top-1 on the same keys for reference."""
+    """Validation figures: reconstruction MSE, CE and top-1 of P_PEMA and the joint loss; with
+    `with_model_baseline`, also the frozen model's own CE and top-1 on the same keys."""
     was_training = adapter.training
     adapter.eval()
     n = len(memory)
-    mse = ce = 0.0
-    correct = model_correct = 0
-    kappa = adapter.config.kappa
+    sums = {"mse": 0.0, "ce": 0.0, "top1": 0.0, "model_ce": 0.0, "model_top1": 0.0}
+
+    def add_logits(prefix: str, h: Tensor, targets: Tensor) -> None:
+        logp = torch.log_softmax(head(h), dim=-1)
+        sums[prefix + "ce"] -= float(logp.gather(1, targets[:, None]).sum())
+        sums[prefix + "top1"] += float((logp.argmax(-1) == targets).sum())
+
     for i in range(0, n, batch_size):
         keys, targets = memory.keys[i : i + batch_size], memory.targets[i : i + batch_size].long()
         x = adapter.prepare(keys)
         z = adapter.bottleneck(x)
-        mse += float(F.mse_loss(adapter.reconstruct(x, z), x, reduction="sum")) / x.shape[1]
-        h = adapter.predict_hidden(x, z)
-        ce += float(head.cross_entropy(h, targets, chunk)) * len(targets)
-        correct += head.top1_correct(h, targets, chunk)
-        model_correct += head.top1_correct(keys.float(), targets, chunk)
+        sums["mse"] += float(F.mse_loss(adapter.reconstruct(x, z), x, reduction="sum")) / x.shape[1]
+        add_logits("", adapter.predict_hidden(x, z), targets)
+        if with_model_baseline:
+            add_logits("model_", keys.float(), targets)
     adapter.train(was_training)
-    mse, ce = mse / n, ce / n
-    return {
-        "mse": mse,
-        "ce": ce,
-        "loss": kappa * mse + (1 - kappa) * ce,
-        "top1": correct / n,
-        "model_top1": model_correct / n,
-    }
+    out = {k: v / n for k, v in sums.items() if with_model_baseline or not k.startswith("model_")}
+    out["loss"] = adapter.config.kappa * out["mse"] + (1 - adapter.config.kappa) * out["ce"]
+    return out
 
 
 def _run_phase(
@@ -203,7 +222,14 @@ def train_adapter(
 ) -> TrainReport:
     """Phase 1 trains A, B_rct to reconstruct keys; phase 2 freezes B_rct and trains a fresh A
     with B_pd on κ·MSE + (1-κ)·CE. Phase 1 is skipped when κ = 0 (its B_rct would be unused).
-    `phases` lets a federated round continue phase 2 from a checkpoint."""
+    `phases` lets a federated round continue phase 2 from a checkpoint.
+    With adapter.config.mixture > 1 (AdaMix), every step runs two passes with independent routing
+    and adds the symmetric-KL consistency term. With cfg.dp_epsilon set, training is DP-SGD."""
+    if cfg.dp_epsilon is not None:
+        # Imported here because pema.peers.private builds on this module.
+        from pema.peers.private import train_adapter_private
+
+        return train_adapter_private(adapter, head, train_memory, valid_memory, cfg, callback)
     if len(train_memory) == 0 or len(valid_memory) == 0:
         raise PemaError("training and validation memories must not be empty")
     if train_memory.keys.shape[1] != adapter.config.hidden_size:
@@ -224,8 +250,21 @@ def train_adapter(
         m = evaluate_memory(adapter, head, valid_memory)
         return {**m, "loss": m["mse"]}
 
+    def mixture_loss(x: Tensor, targets: Tensor) -> Tensor:
+        # Full logits (not the chunked CE) because the KL term needs both distributions.
+        zs = [adapter.bottleneck(x) for _ in range(2)]
+        logits = [head(adapter.predict_hidden(x, z)) for z in zs]
+        ce = 0.5 * (F.cross_entropy(logits[0], targets) + F.cross_entropy(logits[1], targets))
+        loss = ce + adapter.config.mixture_consistency * symmetric_kl(logits[0], logits[1])
+        if kappa == 0:
+            return loss
+        mse = sum(F.mse_loss(adapter.reconstruct(x, z), x) for z in zs) / 2
+        return kappa * mse + (1 - kappa) * loss
+
     def joint_loss(keys: Tensor, targets: Tensor) -> Tensor:
         x = adapter.prepare(keys)
+        if adapter.A_mix is not None:
+            return mixture_loss(x, targets)
         z = adapter.bottleneck(x)
         ce = head.cross_entropy(
             adapter.predict_hidden(x, z),
@@ -239,7 +278,7 @@ def train_adapter(
 
     if 1 in phases and kappa > 0:
         reports[1] = _run_phase(
-            1, adapter, [adapter.A, adapter.B_rct], rct_loss, rct_valid,
+            1, adapter, [adapter.trainable_A(), adapter.B_rct], rct_loss, rct_valid,
             train_memory, cfg.rct_batch_size, cfg.rct_epochs, cfg, callback,
         )  # fmt: skip
     if 2 in phases:
@@ -247,9 +286,11 @@ def train_adapter(
             adapter.reset_A()
         adapter.B_rct.requires_grad_(False)
         reports[2] = _run_phase(
-            2, adapter, [adapter.A, adapter.B_pd], joint_loss,
+            2, adapter, [adapter.trainable_A(), adapter.B_pd], joint_loss,
             lambda: evaluate_memory(adapter, head, valid_memory),
             train_memory, cfg.batch_size, cfg.epochs, cfg, callback,
         )  # fmt: skip
         adapter.B_rct.requires_grad_(True)
-    return TrainReport(phases=reports, valid=evaluate_memory(adapter, head, valid_memory))
+    return TrainReport(
+        phases=reports, valid=evaluate_memory(adapter, head, valid_memory, with_model_baseline=True)
+    )
