@@ -1,0 +1,153 @@
+"""`python -m pema.peers.cli train-eval`: train one peer method on TSV pairs, score it on a test set.
+
+Prints one JSON object: trainable and served parameter counts, training seconds, the process's
+peak RSS right after training (before evaluation), BLEU and chrF, and the DP accountant's figures
+when --dp-epsilon is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pema.data import read_pairs
+from pema.errors import PemaError
+from pema.evaluation import score
+from pema.generation import token_ratio
+from pema.models import load_causal_lm, resolve_model_dir
+from pema.peers.lora import DEFAULT_TARGETS, AdaMixPeer, full_peer, lora_peer
+from pema.peers.private import train_peer_private
+from pema.peers.sft import HFPeer, Peer, SFTConfig, encode_pairs, evaluate_peer, train_sft
+from pema.peers.shift import ShiftPeer
+from pema.prompts import DEFAULT_TEMPLATE, PromptFormat
+
+METHODS = ("untuned", "copy", "full", "lora", "adamix", "slash", "jrwarp")
+DP_METHODS = ("slash", "jrwarp")
+# Learning rates per method: the usual orders of magnitude for each (full FT small, z large).
+DEFAULT_LR = {"full": 2e-5, "lora": 1e-3, "adamix": 1e-3, "slash": 1e-2, "jrwarp": 1e-2}
+
+
+def peak_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def build_peer(method: str, model: Any, args: argparse.Namespace) -> Peer:
+    targets = args.targets.split(",")
+    if method == "untuned":
+        return HFPeer(model, model.config)
+    if method == "full":
+        return full_peer(model)
+    if method == "lora":
+        return lora_peer(model, args.rank, args.alpha, targets)
+    if method == "adamix":
+        return AdaMixPeer(model, args.rank, args.alpha, targets, args.mixture, args.consistency)
+    return ShiftPeer(model, method, args.k, args.seed)
+
+
+def train_eval(args: argparse.Namespace) -> dict[str, Any]:
+    train_pairs = read_pairs(args.train, args.max_pairs)
+    test_pairs = read_pairs(args.test, args.limit)
+    result: dict[str, Any] = {
+        "method": args.method,
+        "train_pairs": len(train_pairs),
+        "test_pairs": len(test_pairs),
+        "epochs": args.epochs,
+        "max_tokens": args.max_tokens,
+    }
+    if args.method == "copy":
+        return {**result, **score([p.source for p in test_pairs], [p.target for p in test_pairs])}
+    if args.dp_epsilon is not None and args.method not in DP_METHODS:
+        raise PemaError(f"--dp-epsilon is implemented for {DP_METHODS}, not {args.method}")
+    model, tokenizer = load_causal_lm(resolve_model_dir(args.model), torch.float32)
+    fmt = PromptFormat(tokenizer, args.template)
+    peer = build_peer(args.method, model, args)
+    rho = token_ratio(
+        [len(fmt.text_ids(p.source)) for p in train_pairs],
+        [len(fmt.target_ids(p.target)) for p in train_pairs],
+    )
+    result["trainable_params"] = sum(p.numel() for p in peer.trainable())
+    if args.method != "untuned":
+        items = encode_pairs(fmt, train_pairs, args.max_tokens)
+        cfg = SFTConfig(
+            lr=args.lr or DEFAULT_LR[args.method],
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+        )
+        pad = fmt.eos_id
+        if args.dp_epsilon is not None:
+            report = train_peer_private(
+                peer, items, cfg, pad, args.dp_epsilon, args.dp_max_grad_norm
+            )
+        else:
+            report = train_sft(peer, items, cfg, pad)
+        result.update(
+            lr=cfg.lr,
+            steps=report.steps,
+            train_seconds=round(report.seconds, 1),
+            seconds_per_epoch=round(report.seconds_per_epoch(cfg.epochs), 1),
+            first_loss=round(report.losses[0], 4),
+            last_loss=round(report.losses[-1], 4),
+            privacy=report.privacy,
+        )
+    result["train_peak_rss_mib"] = peak_rss_mib()
+    peer.prepare_inference()
+    result["served_params"] = peer.inference_parameter_count() if args.method != "untuned" else 0
+    evaluation = evaluate_peer(peer, fmt, test_pairs, rho, args.eval_batch_size)
+    result.update(
+        bleu=evaluation["bleu"], chrf=evaluation["chrf"], samples=evaluation["outputs"][:3]
+    )
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pema.peers.cli", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train-eval", help="train one method and print its scores as JSON")
+    t.add_argument("--method", choices=METHODS, required=True)
+    t.add_argument("--train", type=Path, required=True)
+    t.add_argument("--test", type=Path, required=True)
+    t.add_argument("--model", type=Path, default=None, help="default: SmolLM2-135M-Instruct")
+    t.add_argument("--template", default=DEFAULT_TEMPLATE)
+    t.add_argument("--max-pairs", type=int, default=None, help="first N training pairs")
+    t.add_argument("--limit", type=int, default=None, help="first N test pairs")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--max-tokens", type=int, default=96, help="prompt + target cap per row")
+    t.add_argument("--lr", type=float, default=None, help="default depends on the method")
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--alpha", type=int, default=16)
+    t.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target modules")
+    t.add_argument("--mixture", type=int, default=4, help="AdaMix copies M")
+    t.add_argument("--consistency", type=float, default=1.0, help="AdaMix consistency weight")
+    t.add_argument("--k", type=int, default=1024, help="SLaSh/JR-WARP vector size")
+    t.add_argument("--dp-epsilon", type=float, default=None, help="DP-SGD target ε (δ = 1/2N)")
+    t.add_argument("--dp-max-grad-norm", type=float, default=1.0)
+    t.add_argument("--eval-batch-size", type=int, default=16)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        print(json.dumps(train_eval(args), ensure_ascii=False))
+    except PemaError as e:
+        print(f"pema.peers.cli: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

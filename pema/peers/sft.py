@@ -1,0 +1,265 @@
+"""Supervised fine-tuning on (source, target) pairs, shared by every peer method.
+
+The prompt is PromptFormat's (chat template + task template), exactly what PEMA sees, and the loss
+covers target tokens only (the target ends with the end-of-turn token, as PEMA's memory values do).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache, PretrainedConfig
+
+from pema.backbone import EncodeItem
+from pema.data import Pair
+from pema.errors import PemaError
+from pema.evaluation import score
+from pema.generation import expected_length
+from pema.prompts import PromptFormat
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    """Right-padded rows; labels[i, t] is token t when it is a target token, else IGNORE."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+
+def encode_pairs(fmt: PromptFormat, pairs: Sequence[Pair], max_tokens: int) -> list[EncodeItem]:
+    """Prompt and target ids, the target cut so that a row fits in max_tokens (prompt kept whole)."""
+    items = []
+    for item in fmt.items(pairs):
+        room = max_tokens - len(item.prompt)
+        if room < 1:
+            raise PemaError(f"a prompt of {len(item.prompt)} tokens leaves no room in {max_tokens}")
+        items.append(EncodeItem(item.prompt, list(item.target[:room])))
+    return items
+
+
+def collate(items: Sequence[EncodeItem], pad_id: int) -> Batch:
+    width = max(len(it.prompt) + len(it.target) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(items), width, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for i, it in enumerate(items):
+        row = [*it.prompt, *it.target]
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, len(it.prompt) : len(row)] = torch.tensor(list(it.target))
+    return Batch(ids, mask, labels)
+
+
+def per_row_target_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean CE over each row's target tokens (B values): the per-pair loss DP-SGD clips."""
+    pred, gold = logits[:, :-1].float(), labels[:, 1:]
+    ce = F.cross_entropy(pred.transpose(1, 2), gold, ignore_index=IGNORE, reduction="none")
+    counts = (gold != IGNORE).sum(1).clamp(min=1)
+    return ce.sum(1) / counts
+
+
+def target_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean CE over all target tokens of the batch (position t predicts token t + 1)."""
+    return F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE
+    )
+
+
+class Peer(nn.Module):
+    """A causal LM with some trainable part; subclasses say what is trained and how it is served.
+
+    `logits` takes left- or right-padded ids with explicit positions and an optional KV cache, so
+    one greedy loop serves every method.
+    """
+
+    config: PretrainedConfig
+
+    def logits(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor | None = None,
+        past_key_values: DynamicCache | None = None,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, batch: Batch) -> Tensor:
+        return target_loss(self.logits(batch.input_ids, batch.attention_mask), batch.labels)
+
+    def per_sample_loss(self, batch: Batch) -> Tensor:
+        """One loss per row (pair), for DP-SGD: the mean of these is what Opacus expects."""
+        return per_row_target_loss(self.logits(batch.input_ids, batch.attention_mask), batch.labels)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def prepare_inference(self) -> None:
+        """Turn the trained state into the served one (merging, precomputing); default: nothing."""
+
+    def inference_parameter_count(self) -> int:
+        """Parameters that a served model adds to (or changes in) the frozen base model."""
+        return sum(p.numel() for p in self.trainable())
+
+
+class HFPeer(Peer):
+    """A Hugging Face causal LM (plain, fully trainable, or wrapped by peft)."""
+
+    def __init__(self, model: nn.Module, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+
+    def logits(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor | None = None,
+        past_key_values: DynamicCache | None = None,
+    ) -> Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+        )
+        return out.logits
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    lr: float = 1e-4
+    batch_size: int = 8
+    epochs: int = 1
+    max_tokens: int = 96
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1 or self.max_tokens < 2:
+            raise PemaError("batch_size and epochs must be at least 1, max_tokens at least 2")
+        if not self.lr > 0:
+            raise PemaError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class SFTReport:
+    steps: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    privacy: dict[str, Any] | None = None
+
+    def seconds_per_epoch(self, epochs: int) -> float:
+        return self.seconds / max(1, epochs)
+
+
+def train_sft(
+    peer: Peer,
+    items: Sequence[EncodeItem],
+    cfg: SFTConfig,
+    pad_id: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> SFTReport:
+    """AdamW on the peer's trainable parameters, shuffled mini-batches, `peer.loss` per batch."""
+    if not items:
+        raise PemaError("no training pairs")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(peer.trainable(), lr=cfg.lr, weight_decay=0.0)
+    report = SFTReport()
+    peer.train()
+    start = time.perf_counter()
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(items), generator=gen).tolist()
+        for i in range(0, len(perm), cfg.batch_size):
+            batch = collate([items[j] for j in perm[i : i + cfg.batch_size]], pad_id)
+            loss = peer.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            report.steps += 1
+            report.losses.append(float(loss.detach()))
+            if on_step:
+                on_step(report.steps, report.losses[-1])
+    report.seconds = time.perf_counter() - start
+    peer.eval()
+    return report
+
+
+@torch.no_grad()
+def greedy_generate(
+    peer: Peer,
+    prompts: Sequence[Sequence[int]],
+    stop_ids: frozenset[int],
+    max_new_tokens: Sequence[int],
+    pad_id: int,
+) -> list[list[int]]:
+    """Greedy decoding of left-padded prompts with a KV cache; each row stops at a stop token or
+    its own cap. Positions count real tokens only, as in pema.backbone."""
+    rows = len(prompts)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(rows, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(list(p))
+        mask[i, width - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=peer.config)
+    out: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    logits = peer.logits(ids, mask, positions, cache)[:, -1]
+    while True:
+        next_ids = logits.argmax(-1).tolist()
+        for i, tok in enumerate(next_ids):
+            if done[i]:
+                continue
+            if tok in stop_ids:
+                done[i] = True
+                continue
+            out[i].append(tok)
+            done[i] = len(out[i]) >= max_new_tokens[i]
+        if all(done):
+            return out
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
+        positions = positions[:, -1:] + 1
+        step = torch.tensor(next_ids, dtype=torch.long)[:, None]
+        logits = peer.logits(step, mask, positions, cache)[:, -1]
+
+
+def translate_peer(
+    peer: Peer,
+    fmt: PromptFormat,
+    sources: Sequence[str],
+    rho: float,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy outputs, capped like pema.evaluation.translate (2·L + 10 tokens, L from ρ)."""
+    peer.eval()
+    outputs = [""] * len(sources)
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    pad_id = fmt.tokenizer.pad_token_id
+    pad = int(pad_id) if pad_id is not None else fmt.eos_id
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        caps = [2 * expected_length(len(fmt.text_ids(sources[i])), rho) + 10 for i in idx]
+        ids = greedy_generate(
+            peer, [fmt.prompt_ids(sources[i]) for i in idx], fmt.stop_ids, caps, pad
+        )
+        for i, row in zip(idx, ids, strict=True):
+            outputs[i] = fmt.decode(row)
+    return outputs
+
+
+def evaluate_peer(
+    peer: Peer, fmt: PromptFormat, pairs: Sequence[Pair], rho: float, batch_size: int = 16
+) -> dict[str, Any]:
+    hyps = translate_peer(peer, fmt, [p.source for p in pairs], rho, batch_size)
+    return {**score(hyps, [p.target for p in pairs]), "n": len(pairs), "outputs": hyps}
