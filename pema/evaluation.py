@@ -20,6 +20,11 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
     }
 
 
+def max_new_tokens(expected: int) -> int:
+    """A cap well above the expected length L, so that only runaway outputs are cut."""
+    return expected + expected // 2 + 10
+
+
 def translate(
     backbone: Backbone,
     fmt: PromptFormat,
@@ -43,7 +48,7 @@ def translate(
             head,
             [fmt.prompt_ids(sources[i]) for i in idx],
             fmt.stop_ids,
-            max_new_tokens=[2 * n + 10 for n in lengths],
+            max_new_tokens=[max_new_tokens(n) for n in lengths],
             adapter=adapter,
             mixing=mixing,
             lengths=lengths,
