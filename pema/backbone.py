@@ -219,8 +219,14 @@ class FrozenLM:
         ]
 
     def _free_running(self, items: Sequence[EncodeItem]) -> list[Encoded]:
-        session = LocalSession(self)
         steps = max(len(it.target) for it in items)
+        # Every row decodes for the longest target: split a batch whose padded width would pass
+        # the model's limit (each item alone fits, as encode checked).
+        width = max(len(it.prompt) for it in items) + steps - 1
+        if len(items) > 1 and width > self.info.max_length:
+            half = len(items) // 2
+            return self._free_running(items[:half]) + self._free_running(items[half:])
+        session = LocalSession(self)
         keys = torch.empty(len(items), steps, self.info.hidden_size)
         generated = torch.empty(len(items), steps, dtype=torch.long)
         h = session.start([it.prompt for it in items])

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from pema.errors import ModelError
 
@@ -96,11 +97,17 @@ def load_causal_lm(
     model_dir: Path, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen model (eval mode, no gradients) and its tokenizer."""
+    # transformers draws a "Loading weights" bar on stderr: a library call should not.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"{model_dir}: cannot load model ({str(e).splitlines()[0]})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
