@@ -118,8 +118,10 @@ class FrozenLM:
         self.base = model.base_model
         self.max_batch_tokens = max_batch_tokens
         config = model.config
-        max_length = int(
-            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+        max_length: int = (
+            getattr(config, "max_position_embeddings", None)
+            or getattr(config, "n_positions", None)
+            or 2048
         )
         self.info = ModelInfo(
             name=name,

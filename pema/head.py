@@ -92,6 +92,11 @@ class HeadSpec:
 class LMHead(nn.Module):
     """Final norm + output embedding, frozen, computed in fp32."""
 
+    norm_weight: Tensor
+    weight: Tensor
+    norm_bias: Tensor | None
+    bias: Tensor | None
+
     def __init__(self, spec: HeadSpec) -> None:
         super().__init__()
         if spec.norm_kind not in ("rms", "layer"):
@@ -170,22 +175,13 @@ class LMHead(nn.Module):
             cached = self._weight_cache[dtype] = self.weight.to(dtype)
         return cached
 
-    @torch.no_grad()
-    def top1_correct(self, h: Tensor, targets: Tensor, chunk_size: int = 1024) -> int:
-        """How many rows' argmax equals the target, computed in chunks."""
-        correct = 0
-        for i in range(0, h.shape[0], chunk_size):
-            pred = self.forward(h[i : i + chunk_size]).argmax(-1)
-            correct += int((pred == targets[i : i + chunk_size]).sum())
-        return correct
-
 
 class _ChunkedLinearCE(torch.autograd.Function):
     """CE of softmax(n W^T + b) in row chunks; the gradient w.r.t. n is formed during the forward
     pass, chunk by chunk, so peak memory is one chunk of logits instead of the whole batch's."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         n: Tensor,
         weight: Tensor,
@@ -219,7 +215,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return total / rows
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         (grad_n,) = ctx.saved_tensors
         return grad_n * grad_out if grad_n is not None else None, None, None, None, None, None
 

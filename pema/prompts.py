@@ -46,8 +46,8 @@ class PromptFormat:
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
             )
             if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
-                ids = ids["input_ids"]
-            return [int(t) for t in ids]
+                ids = ids["input_ids"]  # type: ignore[index]
+            return [int(t) for t in ids]  # type: ignore[arg-type]
         return self.tokenizer.encode(text + "\n", add_special_tokens=True)
 
     def text_ids(self, text: str) -> list[int]:
@@ -60,6 +60,7 @@ class PromptFormat:
         return [EncodeItem(self.prompt_ids(p.source), self.target_ids(p.target)) for p in pairs]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(
+        text = self.tokenizer.decode(
             [t for t in ids if t not in self.stop_ids], skip_special_tokens=True
-        ).strip()
+        )
+        return str(text).strip()
