@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python -m tenant.demo
 
-test: setup
+test: setup metrics-deps
 	$(BIN)/python -m pytest -q tests
 
 test-unit: setup
@@ -46,6 +46,13 @@ protos: setup
 # Regenerates into a temp dir and fails when the committed stubs differ.
 check-protos: setup
 	$(BIN)/python -m proto.generate --check
+
+# Prometheus and its Pushgateway (Debian packages) for the metrics integration test.
+.PHONY: metrics-deps
+metrics-deps:
+	command -v prometheus >/dev/null && command -v prometheus-pushgateway >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends prometheus prometheus-pushgateway; }
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -24,7 +24,7 @@ from pema.errors import PemaError
 from pema.models import cache_dir
 from pema.prompts import DEFAULT_TEMPLATE, PromptFormat
 from pema.training import TrainConfig, TrainEvent, evaluate_memory
-from tenant.backend import Backend, local_backend
+from tenant.backend import Backend, coordinator_backend, local_backend
 from tenant.cli import BEST as _BEST
 from tenant.jobs import evaluate_job, obtain_memory, train_job
 from tenant.memory_store import ShardedMemoryStore, check_tenant_id
@@ -132,7 +132,10 @@ def shares_adapter(node: NodeConfig, run: RunSettings) -> bool:
 
 
 def make_backend(node: NodeConfig) -> Backend:
-    """The frozen model for this tenant. The coordinator backend replaces this once it lands."""
+    """The frozen model behind the coordinator named in the node config; without one, a local
+    model folder (`model`, else the default model) loaded in this process."""
+    if node.coordinator:
+        return coordinator_backend(node.coordinator, node.token)
     return local_backend(node.model or None)
 
 

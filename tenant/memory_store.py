@@ -29,8 +29,9 @@ MANIFEST = "manifest"
 SHARD_MAGIC = b"PEMASHD1"
 FORMAT_VERSION = 1
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-# Tenant ids end up in Redis ACL key patterns and file paths: no glob characters, no separators.
-TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+# Tenant ids end up in Redis ACL key patterns and file paths (no glob characters, no separators);
+# the same rule as the coordinator's tenant registry.
+TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class CacheError(PemaError):
@@ -40,7 +41,7 @@ class CacheError(PemaError):
 def check_tenant_id(tenant: str) -> str:
     if not TENANT_ID.match(tenant):
         raise PemaError(
-            f"tenant id {tenant!r} must be 1-63 letters, digits, '-' or '_' (starting alphanumeric)"
+            f"tenant id {tenant!r} must be 1-63 lowercase letters, digits, '-' or '_' (starting alphanumeric)"
         )
     return tenant
 

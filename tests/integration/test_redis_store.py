@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import NoPermissionError
 from tiny_model import KJV, make_tiny_model
 
@@ -19,7 +21,8 @@ from pema.backbone import Backbone, Encoded, EncodeItem, MemoryMode
 from pema.data import Pair, read_pairs
 from pema.memory import Memory
 from pema.prompts import PromptFormat
-from tenant.backend import Backend, local_backend
+from tenant.backend import Backend, coordinator_backend, local_backend
+from tenant.demo import Processes, start_coordinator
 from tenant.jobs import MemoryResult, obtain_memory
 from tenant.memory_store import CacheError, DiskMemoryStore, ShardedMemoryStore
 from tenant.redis_store import RedisMemoryStore, open_memory_store, tenant_acl_rules
@@ -147,6 +150,45 @@ def test_second_run_is_a_cache_hit_without_encoding(
     second, c2 = run(backend, pairs, store, tenant)
     assert second.cache_hit and c2.calls == 0
     assert same(first.memory, second.memory)
+
+
+def encode_calls(metrics_url: str, tenant: str) -> float:
+    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "pema_coordinator_requests_total"
+        and sample.labels.get("method") == "Encode"
+        and sample.labels.get("tenant") == tenant
+    )
+
+
+def test_second_run_does_not_call_the_coordinators_encode(
+    tmp_path: Path, pairs: list[Pair], tenant: str
+) -> None:
+    """Through a real coordinator process: its request counter proves the cache hit."""
+    model = make_tiny_model(tmp_path / "model")
+    token = secrets.token_hex(8)
+    procs = Processes(tmp_path / "logs")
+    try:
+        address, metrics_url = start_coordinator(procs, model, {tenant: token}, tmp_path)
+        backend = coordinator_backend(address, token)
+        store = RedisMemoryStore.connect(REDIS_URL, shard_pairs=SHARD_PAIRS)
+        fmt = PromptFormat(backend.tokenizer)
+        first = obtain_memory(
+            backend, fmt, pairs, MemoryMode.TEACHER_FORCED, store, tenant, quiet=True
+        )
+        after_first = encode_calls(metrics_url, tenant)
+        assert not first.cache_hit and after_first >= 4  # at least one call per shard
+        second = obtain_memory(
+            backend, fmt, pairs, MemoryMode.TEACHER_FORCED, store, tenant, quiet=True
+        )
+        assert second.cache_hit and same(first.memory, second.memory)
+        assert encode_calls(metrics_url, tenant) == after_first
+    finally:
+        procs.stop_all()
 
 
 @pytest.mark.parametrize("kind", ["redis", "disk"])
