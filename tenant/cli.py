@@ -126,6 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rct-epochs", type=int, default=5)
     t.add_argument("--eval-every", type=_positive_int, default=100)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--adapter",
+        choices=["pema", "pema-mix"],
+        default="pema",
+        help="pema-mix: AdaMix on PEMA (M copies of A, averaged at inference)",
+    )
+    t.add_argument("--mixture", type=_positive_int, default=4, help="copies M for pema-mix")
+    t.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        help="DP-SGD to this ε at δ = 1/(2N), N = training pairs (privacy unit: one pair); "
+        "implies no dropout and no early stopping",
+    )
+    t.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="DP clipping bound C")
+    t.add_argument("--dp-batch-pairs", type=_positive_int, default=32)
     t.add_argument("--tenant", default="local", help="namespace in the memory cache")
     t.add_argument(
         "--no-cache", action="store_true", help="do not read or write the on-disk memory cache"
@@ -167,7 +183,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         template=args.template,
         memory_mode=args.memory_mode,
+        mixture=args.mixture if args.adapter == "pema-mix" else 1,
     )
+    if args.dp_epsilon is not None:
+        # Opacus replays the adapter per sample, where a fresh dropout mask would be drawn.
+        adapter_config = adapter_config.replace(dropout=0.0)
     train_config = TrainConfig(
         lr=args.lr,
         batch_size=args.batch_size,
@@ -176,6 +196,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         rct_epochs=args.rct_epochs,
         eval_every=args.eval_every,
         seed=args.seed,
+        dp_epsilon=args.dp_epsilon,
+        dp_max_grad_norm=args.dp_max_grad_norm,
+        dp_batch_pairs=args.dp_batch_pairs,
     )
     if args.out.exists() and not args.out.is_dir():
         raise PemaError(f"{args.out}: exists and is not a folder")
@@ -198,6 +221,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(model alone {s['valid']['model_top1']:.3f}), train {s['train_seconds']} s, "
         f"memory {s['memory_build_seconds']} s{' (cached)' if s['memory_cache_hit'] else ''}"
     )
+    privacy = outcome.report.privacy
+    if privacy is not None:
+        print(
+            f"DP-SGD per {privacy['unit']}: ε spent {privacy['epsilon_spent']} at δ "
+            f"{privacy['target_delta']:.2e} (noise multiplier {privacy['noise_multiplier']}, "
+            f"C {privacy['max_grad_norm']}, {privacy['steps']} steps)"
+        )
     return 0
 
 

@@ -194,7 +194,7 @@ def train_adapter_private(
     report.seconds = time.perf_counter() - start
     adapter.B_rct.requires_grad_(True)
     adapter.eval()
-    valid = evaluate_memory(adapter, head, valid_memory)
+    valid = evaluate_memory(adapter, head, valid_memory, with_model_baseline=True)
     report.best_valid = valid["loss"]
     report.history.append({"epoch": report.epochs_run, "step": report.steps, **valid})
     privacy = _privacy(engine, dp_opt, delta, n, batch, report.steps, cfg.dp_max_grad_norm)
