@@ -1,0 +1,405 @@
+"""`make demo`: a three-tenant federation on this machine, start to finish.
+
+The coordinator serves the default model; a SuperLink and three SuperNodes run the Flower app:
+two tenants rewrite KJV into modern English on different books and average their adapters
+(aggregation group "kjv"), a third translates English to Spanish and keeps its adapter private.
+It prints the per-round table, each tenant's BLEU/chrF before and after with sample generations,
+and where the metrics are. Every process it starts is stopped on exit, Ctrl-C or failure.
+
+The process helpers here also serve the integration tests (tests/integration/test_federation.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import redis
+
+from coordinator.config import hash_token
+from pema.data import Pair
+from pema.models import default_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DATA = Path(os.environ.get("PEMA_DATA_DIR", ROOT.parent / "shared" / "data"))
+REDIS_URL = "redis://127.0.0.1:6379/0"
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], T], what: str, timeout: float = 120.0) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_HOME=str(flwr_home),
+        # The SuperLink and SuperNodes start flower-superexec / flwr-clientapp from PATH.
+        PATH=f"{BIN}:{env.get('PATH', '')}",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+class Processes:
+    """Started processes, each in its own session: stopping one stops the children it started
+    (ServerApp and ClientApp processes) too."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with (self.logs / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            # Whatever is left of its group (an orphaned ClientApp) goes too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.procs.clear()
+
+
+def start_coordinator(
+    procs: Processes, model: Path | None, tokens: dict[str, str], workdir: Path
+) -> tuple[str, str]:
+    """`pema-coordinator serve` for these tenants; returns (gRPC address, metrics URL)."""
+    tenants = [{"id": t, "token_sha256": hash_token(tok)} for t, tok in tokens.items()]
+    config = workdir / "tenants.json"
+    config.write_text(json.dumps({"tenants": tenants}))
+    port, metrics = free_port(), free_port()
+    args = [str(BIN / "pema-coordinator"), "serve", "--port", str(port)]
+    args += ["--metrics-host", "127.0.0.1", "--metrics-port", str(metrics)]
+    args += ["--tenants", str(config), "--threads", "1"]
+    if model is not None:
+        args += ["--model", str(model)]
+    proc = procs.start("coordinator", args, dict(os.environ))
+    url = f"http://127.0.0.1:{metrics}/metrics"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the coordinator exited; see {workdir / 'coordinator.log'}")
+        return http_ok(url)
+
+    wait_for(ready, "the coordinator", timeout=300)
+    return f"127.0.0.1:{port}", url
+
+
+def start_metrics(
+    procs: Processes, workdir: Path, also_scrape: list[str] | None = None
+) -> tuple[str, str] | None:
+    """A Pushgateway and a Prometheus scraping it and `also_scrape` (host:port of /metrics
+    endpoints, e.g. the coordinator); nothing if they are not installed. Returns (gateway
+    address, Prometheus URL)."""
+    if not (shutil.which("prometheus") and shutil.which("prometheus-pushgateway")):
+        return None
+    gw, prom = free_port(), free_port()
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: pushgateway\n"
+        "    honor_labels: true\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{gw}']}}]\n"
+        "  - job_name: pema-coordinator\n"
+        f"    static_configs: [{{targets: {json.dumps(also_scrape or [])}}}]\n"
+    )
+    procs.start("pushgateway", ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{gw}"])
+    procs.start(
+        "prometheus",
+        [
+            "prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom}",
+        ],
+    )  # fmt: skip
+    wait_for(lambda: http_ok(f"http://127.0.0.1:{gw}/-/ready"), "the Pushgateway")
+    wait_for(lambda: http_ok(f"http://127.0.0.1:{prom}/-/ready"), "Prometheus")
+    return f"127.0.0.1:{gw}", f"http://127.0.0.1:{prom}"
+
+
+@dataclass
+class Federation:
+    """A SuperLink with SuperNodes, and `flwr run` of this project against it."""
+
+    procs: Processes
+    workdir: Path
+    port: int = field(default_factory=free_port)
+
+    def __post_init__(self) -> None:
+        self.home = self.workdir / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        self.env = flower_env(self.home)
+        self.procs.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"), "--insecure",
+                "--disable-runtime-dependency-installation", "--port", str(self.port),
+                "--database", str(self.workdir / "superlink.db"),
+            ],
+            self.env,
+        )  # fmt: skip
+
+    def add_node(self, name: str, node_config: dict[str, Any]) -> None:
+        text = " ".join(
+            f"{k}={v}" if isinstance(v, int | float) else f'{k}="{v}"'
+            for k, v in node_config.items()
+        )
+        self.procs.start(
+            f"supernode-{name}",
+            [
+                str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", text,
+            ],
+            self.env,
+        )  # fmt: skip
+
+    def run(self, run_config: dict[str, Any], timeout: float, echo: bool = False) -> Path:
+        """`flwr run` to the end; returns the round table. Raises with the log's tail on failure."""
+        table = self.workdir / "rounds.md"
+        cfg = {**run_config, "round-table": str(table)}
+        text = " ".join(
+            f"{k}={v}" if isinstance(v, int | float) else f"{k}='{v}'" for k, v in cfg.items()
+        )
+        log = self.workdir / "flwr-run.log"
+        args = [str(BIN / "flwr"), "run", str(ROOT), "local-test", "--stream"]
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [*args, "--run-config", text],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                text=True,
+                start_new_session=True,
+            )
+            try:
+                assert proc.stdout is not None
+                deadline = time.monotonic() + timeout
+                for line in proc.stdout:
+                    out.write(line)
+                    if echo and ("[ROUND" in line or "rror" in line):
+                        print("  " + line.split(":", 1)[-1].strip(), flush=True)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"flwr run took more than {timeout:.0f} s")
+                code = proc.wait()
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        if code != 0 or not table.is_file():
+            tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+            raise RuntimeError(f"flwr run failed (exit {code}); {log}:\n{tail}")
+        return table
+
+
+def read_rows(table: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in table.with_suffix(".jsonl").read_text().splitlines()]
+
+
+def write_pairs(path: Path, pairs: list[Pair]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["source", "target"])
+        for p in pairs:
+            w.writerow([p.source, p.target])
+    return path
+
+
+def book_slice(tsv: Path, book: str, n: int) -> list[Pair]:
+    """The first n pairs of one book (the `ref` column names it)."""
+    out: list[Pair] = []
+    with tsv.open(newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            if row["ref"].rsplit(" ", 1)[0] == book:
+                out.append(Pair(row["source"], row["target"]))
+                if len(out) == n:
+                    break
+    if not out:
+        raise SystemExit(f"no pairs of {book} in {tsv}")
+    return out
+
+
+@dataclass(frozen=True)
+class DemoTenant:
+    id: str
+    task: str
+    book: str
+    template: str
+    group: str
+
+
+TENANTS = [
+    DemoTenant("kjv-genesis", "kjv_web", "Genesis", "Rewrite in modern English:\n{source}", "kjv"),
+    DemoTenant("kjv-exodus", "kjv_web", "Exodus", "Rewrite in modern English:\n{source}", "kjv"),
+    DemoTenant("es-private", "web_es", "Matthew", "Translate to Spanish:\n{source}", ""),
+]
+
+
+def redis_up() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def report(rows: list[dict[str, Any]], table: Path, metrics: tuple[str, str] | None) -> None:
+    print("\nPer-round table (" + str(table) + "):\n")
+    print(table.read_text())
+    last = max(r["round"] for r in rows)
+    print("Before (untuned model) and after the last round, on each tenant's test sample:\n")
+    for t in TENANTS:
+        first = next(r for r in rows if r.get("tenant") == t.id and r["round"] == 1)
+        final = next(r for r in rows if r.get("tenant") == t.id and r["round"] == last)
+        print(
+            f"{t.id:12s} ({t.task}, {'group ' + t.group if t.group else 'private'}): "
+            f"BLEU {first.get('zero-shot-bleu', float('nan')):5.1f} -> {final['bleu']:5.1f}   "
+            f"chrF {first.get('zero-shot-chrf', float('nan')):5.1f} -> {final['chrf']:5.1f}"
+        )
+        print(f"    source:    {final.get('sample-source', '')}")
+        print(f"    untuned:   {first.get('sample-zero-shot', '')}")
+        print(f"    PEMA:      {final.get('sample-output', '')}")
+        print(f"    reference: {final.get('sample-reference', '')}\n")
+    if metrics:
+        gw, prom = metrics
+        print(f"Metrics: Pushgateway http://{gw}/metrics, Prometheus {prom} (stopped on exit;")
+        print("         the run's figures are in the table above and its .jsonl copy).")
+        print(f"         e.g. {prom}/graph?g0.expr=pema_tenant_train_peak_memory_bytes")
+    else:
+        print("Metrics: prometheus/prometheus-pushgateway not installed (make metrics-deps).")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tenant.demo", description=__doc__)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=200, help="training pairs per tenant")
+    p.add_argument("--valid-pairs", type=int, default=40)
+    p.add_argument("--eval-sample", type=int, default=8, help="test pairs generated per round")
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=14 * 60)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S"))
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    workdir: Path = args.out.resolve()
+    workdir.mkdir(parents=True)
+    procs = Processes(workdir / "logs")
+    try:
+        print(f"demo in {workdir}: preparing the default model and data", flush=True)
+        default_model_dir()  # converted from its GGUF once, before the processes need it
+        tokens = {t.id: secrets.token_urlsafe(16) for t in TENANTS}
+        address, coord_metrics = start_coordinator(procs, None, tokens, workdir)
+        print(f"coordinator on {address} (metrics {coord_metrics})", flush=True)
+        metrics = start_metrics(procs, workdir, [coord_metrics.split("/")[2]])
+        cache = REDIS_URL if redis_up() else ""
+        print(f"memory cache: {'Redis ' + cache if cache else 'on disk (Redis is not up)'}")
+        fed = Federation(procs, workdir)
+        for t in TENANTS:
+            data = DATA / t.task
+            train = write_pairs(
+                workdir / f"{t.id}-train.tsv", book_slice(data / "train.tsv", t.book, args.pairs)
+            )
+            node: dict[str, Any] = {
+                "tenant-id": t.id,
+                "token": tokens[t.id],
+                "coordinator": address,
+                "train": train,
+                "valid": data / "valid.tsv",
+                "test": data / "test.tsv",
+                "max-valid-pairs": args.valid_pairs,
+                "template": t.template.replace("\n", "\\n"),
+                "adapter-dir": workdir / "adapters" / t.id,
+                "cache-dir": workdir / "memories",
+                "redis-url": cache,
+                "aggregation-group": t.group,
+                "pushgateway": metrics[0] if metrics else "",
+            }
+            fed.add_node(t.id, node)
+        print(f"SuperLink on 127.0.0.1:{fed.port}, {len(TENANTS)} SuperNodes; running "
+              f"{args.rounds} rounds (fedavg within group kjv; es-private stays private)", flush=True)  # fmt: skip
+        table = fed.run(
+            {
+                "num-server-rounds": args.rounds,
+                "aggregation": "fedavg",
+                "local-epochs": args.local_epochs,
+                "eval-sample-size": args.eval_sample,
+                "min-nodes": len(TENANTS),
+            },
+            timeout=args.timeout - (time.monotonic() - started),
+            echo=True,
+        )
+        report(read_rows(table), table, metrics)
+        print(f"\ndone in {time.monotonic() - started:.0f} s; logs and adapters in {workdir}")
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping every process", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError) as e:
+        print(f"demo failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        procs.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

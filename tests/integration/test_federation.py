@@ -1,0 +1,174 @@
+"""Federated rounds with real processes: a coordinator serving a tiny random Llama model,
+flower-superlink, two flower-supernodes, `flwr run`, and a Pushgateway with a Prometheus server
+scraping it and the coordinator. Every process is stopped at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+from safetensors.torch import load_file
+from tiny_model import KJV, make_tiny_model
+
+from pema.data import read_pairs
+from tenant.demo import (
+    Federation,
+    Processes,
+    read_rows,
+    start_coordinator,
+    start_metrics,
+    wait_for,
+    write_pairs,
+)
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+ROUNDS = 2
+MODES = ("none", "fedavg")
+
+
+@dataclass
+class Services:
+    workdir: Path
+    tenants: dict[str, list[str]]  # aggregation mode -> its two tenant ids
+    tokens: dict[str, str]
+    coordinator: str
+    coordinator_metrics: str
+    pushgateway: str
+    prometheus: str
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    for binary in ("prometheus", "prometheus-pushgateway"):
+        if shutil.which(binary) is None:
+            pytest.fail(f"{binary} is not installed: run `make metrics-deps`")
+    workdir = tmp_path_factory.mktemp("federation")
+    model = make_tiny_model(workdir / "model")
+    run = uuid.uuid4().hex[:8]
+    tenants = {m: [f"fed-{m}-{run}-{i}" for i in range(2)] for m in MODES}
+    tokens = {t: uuid.uuid4().hex for ts in tenants.values() for t in ts}
+    procs = Processes(workdir / "logs")
+    try:
+        coordinator, coordinator_metrics = start_coordinator(procs, model, tokens, workdir)
+        metrics = start_metrics(procs, workdir, [coordinator_metrics.split("/")[2]])
+        assert metrics is not None
+        yield Services(workdir, tenants, tokens, coordinator, coordinator_metrics, *metrics)
+    finally:
+        procs.stop_all()
+        client = redis.Redis.from_url(REDIS_URL)
+        for t in tokens:
+            keys = list(client.scan_iter(match=f"pema:{t}:*"))
+            if keys:
+                client.delete(*keys)
+
+
+def promql(base: str, query: str) -> list[dict[str, Any]]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=5) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(adapter_dir / "adapter.safetensors"))
+
+
+@pytest.mark.parametrize("aggregation", MODES)
+def test_two_tenants_two_rounds(services: Services, aggregation: str) -> None:
+    run_dir = services.workdir / aggregation
+    tenants = services.tenants[aggregation]
+    procs = Processes(run_dir / "logs")
+    try:
+        fed = Federation(procs, run_dir)
+        for i, tenant in enumerate(tenants):
+            # Different book slices, so that private adapters must end up different.
+            pairs = read_pairs(KJV / "train.tsv", 1000 * i + 24)[1000 * i :]
+            fed.add_node(
+                tenant,
+                {
+                    "tenant-id": tenant,
+                    "token": services.tokens[tenant],
+                    "coordinator": services.coordinator,
+                    "train": write_pairs(run_dir / f"train-{i}.tsv", pairs),
+                    "valid": KJV / "valid.tsv",
+                    "test": KJV / "test.tsv",
+                    "max-valid-pairs": 8,
+                    "adapter-dir": run_dir / "adapters" / tenant,
+                    "redis-url": REDIS_URL,
+                    "cache-dir": run_dir / "cache",
+                    "aggregation-group": "kjv",
+                    "pushgateway": services.pushgateway,
+                },
+            )
+        table = fed.run(
+            {
+                "num-server-rounds": ROUNDS,
+                "aggregation": aggregation,
+                "eval-sample-size": 2,
+                "shard-pairs": 8,
+            },
+            timeout=1200,
+        )
+    finally:
+        procs.stop_all()
+    print(table.read_text())
+    rows = read_rows(table)
+    assert sorted((r["round"], r["tenant"]) for r in rows) == sorted(
+        (rnd, t) for rnd in range(1, ROUNDS + 1) for t in tenants
+    )
+    for r in rows:
+        assert "error" not in r, r
+        assert r["num-examples"] == 24 and r["train-keys"] > 0
+        assert r["peak-train-memory-bytes"] > 0 and r["train-seconds"] > 0
+        assert {"bleu", "chrf", "valid-loss"} <= r.keys()
+        # Round 2 reads both memories from Redis (same tenant, same data).
+        assert r["cache-hit"] == (1 if r["round"] > 1 else 0)
+    adapters = [run_dir / "adapters" / t for t in tenants]
+    assert all((a / "adapter.safetensors").is_file() for a in adapters)
+    a, b = (weights(d) for d in adapters)
+    if aggregation == "fedavg":
+        assert all(r["arrays-sent"] > 0 for r in rows)
+        assert {r["started_from"] for r in rows if r["round"] > 1} == {"group"}
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        # Not one adapter array reached the ServerApp; each tenant resumed its own checkpoint.
+        assert all(r["arrays-sent"] == 0 for r in rows)
+        assert {r["started_from"] for r in rows if r["round"] > 1} == {"checkpoint"}
+        assert not all(torch.equal(a[k], b[k]) for k in a)
+
+    # Prometheus scraped every tenant's training figures from the Pushgateway.
+    selector = '{tenant=~"' + "|".join(tenants) + '"}'
+    for metric in (
+        "pema_tenant_train_peak_memory_bytes",
+        "pema_tenant_train_step_seconds",
+        "pema_tenant_round_seconds",
+    ):
+        result = wait_for(
+            lambda m=metric: len(r := promql(services.prometheus, m + selector)) == 2 and r,  # type: ignore[misc]
+            f"{metric} in Prometheus",
+            timeout=60,
+        )
+        assert {s["metric"]["tenant"] for s in result} == set(tenants)
+        assert all(float(s["value"][1]) > 0 for s in result)
+    hits = promql(services.prometheus, "pema_tenant_cache_hits_total" + selector)
+    assert {float(s["value"][1]) for s in hits} == {ROUNDS - 1.0}
+    # ... and the coordinator's own endpoint: the tenants' Encode calls, all from round 1.
+    query = 'sum by (tenant) (pema_coordinator_requests_total{method="Encode",' + selector[1:] + ")"
+    encodes = wait_for(
+        lambda: len(r := promql(services.prometheus, query)) == 2 and r,
+        "coordinator metrics in Prometheus",
+        timeout=60,
+    )
+    assert {s["metric"]["tenant"] for s in encodes} == set(tenants)
