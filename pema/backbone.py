@@ -95,6 +95,23 @@ def token_batches(
         yield batch
 
 
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Token ids left-padded to a rectangle, and the attention mask (1 on real tokens)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: Tensor) -> Tensor:
+    """Positions that count real tokens only, so a left-padded row sees the same as alone."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 class FrozenLM:
     """A frozen causal LM whose final norm is lifted out into the head.
 
@@ -165,16 +182,9 @@ class FrozenLM:
         attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, DynamicCache, Tensor]:
         """Left-padded forward pass: returns pre-norm states (B x L x d), the cache, the mask."""
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        new_mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if s:
-                ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-                new_mask[i, width - len(s) :] = 1
+        ids, new_mask = left_pad(seqs)
         mask = new_mask if attention_mask is None else torch.cat([attention_mask, new_mask], dim=1)
-        # Positions count real tokens only, so a left-padded row sees the same positions as alone.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+        positions = positions_from_mask(mask)[:, -ids.shape[1] :]
         cache = cache if cache is not None else DynamicCache(config=self.model.config)
         out = self.base(
             input_ids=ids,

@@ -59,6 +59,36 @@ class Mixing:
         return gu_lambda(t, self.lambda_max, length)
 
 
+def greedy_decode(
+    first_scores: Tensor,
+    step: Callable[[list[int], int], Tensor],
+    stop_ids: frozenset[int],
+    max_new_tokens: Sequence[int],
+) -> list[list[int]]:
+    """The bookkeeping of batched greedy decoding, whatever produces the scores: each row stops
+    at a stop token or its own cap. `step(next_ids, t)` returns the scores (B x V) for step t."""
+    rows = first_scores.shape[0]
+    if rows != len(max_new_tokens):
+        raise PemaError("one max_new_tokens per prompt is required")
+    out: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    scores, t = first_scores, 1
+    while True:
+        next_ids = scores.argmax(-1).tolist()
+        for i, tok in enumerate(next_ids):
+            if done[i]:
+                continue
+            if tok in stop_ids:
+                done[i] = True
+                continue
+            out[i].append(tok)
+            done[i] = len(out[i]) >= max_new_tokens[i]
+        if all(done):
+            return out
+        t += 1
+        scores = step(next_ids, t)
+
+
 @torch.no_grad()
 def generate(
     session: DecodeSession,
@@ -69,43 +99,28 @@ def generate(
     adapter: PemaAdapter | None = None,
     mixing: Mixing | None = None,
     lengths: Sequence[int] | None = None,
-    on_token: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
-    """Greedy decoding of a batch; each row stops at a stop token or its own token cap.
-
-    Without an adapter (or with λ = 0) this is the frozen model's own greedy output.
-    """
+    """Greedy decoding of a batch through a DecodeSession, mixing P_PEMA in when an adapter is
+    given. Without an adapter (or with λ = 0) this is the frozen model's own greedy output."""
     if len(prompts) != len(max_new_tokens):
         raise PemaError("one max_new_tokens per prompt is required")
     if adapter is not None and (mixing is None or lengths is None):
         raise PemaError("mixing an adapter needs a schedule and an expected length per row")
-    rows = len(prompts)
-    out: list[list[int]] = [[] for _ in range(rows)]
-    done = [False] * rows
-    h = session.start(prompts)
-    t = 1
-    while True:
+
+    def scores(h: Tensor, t: int) -> Tensor:
         logp = head.log_probs(h)
         if adapter is not None and mixing is not None and lengths is not None:
             lam = torch.tensor([[mixing.lam(t, n)] for n in lengths])
             if bool((lam > 0).any()):
-                logp_pema = head.log_probs(adapter(h))
-                logp = mix_log_probs(logp, logp_pema, lam)
-        next_ids = logp.argmax(-1).tolist()
-        for i, tok in enumerate(next_ids):
-            if done[i]:
-                continue
-            if tok in stop_ids:
-                done[i] = True
-                continue
-            out[i].append(tok)
-            if len(out[i]) >= max_new_tokens[i]:
-                done[i] = True
-        if on_token:
-            on_token(rows - sum(done))
-        if all(done):
-            break
-        h = session.step(next_ids)
-        t += 1
-    session.close()
-    return out
+                logp = mix_log_probs(logp, head.log_probs(adapter(h)), lam)
+        return logp
+
+    try:
+        return greedy_decode(
+            scores(session.start(prompts), 1),
+            lambda ids, t: scores(session.step(ids), t),
+            stop_ids,
+            max_new_tokens,
+        )
+    finally:
+        session.close()

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, PretrainedConfig
 
-from pema.backbone import EncodeItem
+from pema.backbone import EncodeItem, left_pad, positions_from_mask
 from pema.data import Pair
 from pema.errors import PemaError
 from pema.evaluation import score
-from pema.generation import expected_length
+from pema.generation import expected_length, greedy_decode
 from pema.prompts import PromptFormat
 
 IGNORE = -100
@@ -205,33 +205,19 @@ def greedy_generate(
     """Greedy decoding of left-padded prompts with a KV cache; each row stops at a stop token or
     its own cap. Positions count real tokens only, as in pema.backbone."""
     rows = len(prompts)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    mask = torch.zeros(rows, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(list(p))
-        mask[i, width - len(p) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask = left_pad(prompts, pad_id)
+    positions = positions_from_mask(mask)
     cache = DynamicCache(config=peer.config)
-    out: list[list[int]] = [[] for _ in range(rows)]
-    done = [False] * rows
-    logits = peer.logits(ids, mask, positions, cache)[:, -1]
-    while True:
-        next_ids = logits.argmax(-1).tolist()
-        for i, tok in enumerate(next_ids):
-            if done[i]:
-                continue
-            if tok in stop_ids:
-                done[i] = True
-                continue
-            out[i].append(tok)
-            done[i] = len(out[i]) >= max_new_tokens[i]
-        if all(done):
-            return out
+
+    def step(next_ids: list[int], _t: int) -> Tensor:
+        nonlocal mask, positions
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
         positions = positions[:, -1:] + 1
-        step = torch.tensor(next_ids, dtype=torch.long)[:, None]
-        logits = peer.logits(step, mask, positions, cache)[:, -1]
+        tokens = torch.tensor(next_ids, dtype=torch.long)[:, None]
+        return peer.logits(tokens, mask, positions, cache)[:, -1]
+
+    first = peer.logits(ids, mask, positions, cache)[:, -1]
+    return greedy_decode(first, step, stop_ids, max_new_tokens)
 
 
 def translate_peer(
