@@ -663,3 +663,32 @@ def test_serve_cli_and_sigterm(env: Env, tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_tenant_cli_through_coordinator(
+    env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pema-tenant train|generate --coordinator ... ` with the token from PEMA_TOKEN."""
+    from tenant.cli import main as tenant_main
+
+    words = ["in", "the", "beginning", "god", "created", "the", "heaven", "and", "the", "earth"]
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text(
+        "source\ttarget\n"
+        + "".join(
+            f"{' '.join(words[i : i + 3])}\t{' '.join(words[i + 1 : i + 4])}\n" for i in range(6)
+        )
+    )
+    out = tmp_path / "adapter"
+    os.environ["PEMA_TOKEN"] = TOKENS["beta"]
+    try:
+        common = ["--coordinator", env.address]
+        train = ["train", "--train", str(tsv), "--valid", str(tsv), "--out", str(out)]
+        opts = ["--rank", "4", "--epochs", "1", "--no-cache", "--quiet", *common]
+        assert tenant_main([*train, *opts]) == 0
+        assert (out / "config.json").is_file() or any(out.iterdir())
+        assert tenant_main(["generate", "--adapter", str(out), *common, "the earth"]) == 0
+    finally:
+        os.environ.pop("PEMA_TOKEN", None)
+    assert tenant_main(["generate", "--adapter", str(out), "--coordinator", env.address, "x"]) == 2
+    assert "needs --token" in capsys.readouterr().err
