@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,6 +98,12 @@ class Processes:
             )
         self.procs.append(proc)
         return proc
+
+    def crash(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a process and its group, as a machine failure would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
@@ -197,12 +204,12 @@ class Federation:
             self.env,
         )  # fmt: skip
 
-    def add_node(self, name: str, node_config: dict[str, Any]) -> None:
+    def add_node(self, name: str, node_config: dict[str, Any]) -> subprocess.Popen[bytes]:
         text = " ".join(
             f"{k}={v}" if isinstance(v, int | float) else f'{k}="{v}"'
             for k, v in node_config.items()
         )
-        self.procs.start(
+        return self.procs.start(
             f"supernode-{name}",
             [
                 str(BIN / "flower-supernode"), "--insecure", "--superlink",
@@ -211,8 +218,15 @@ class Federation:
             self.env,
         )  # fmt: skip
 
-    def run(self, run_config: dict[str, Any], timeout: float, echo: bool = False) -> Path:
-        """`flwr run` to the end; returns the round table. Raises with the log's tail on failure."""
+    def run(
+        self,
+        run_config: dict[str, Any],
+        timeout: float,
+        echo: bool = False,
+        on_line: Callable[[str], None] | None = None,
+    ) -> Path:
+        """`flwr run` to the end; returns the round table. Raises with the log's tail on failure.
+        `on_line` sees every line of the run's log as it arrives (tests inject faults with it)."""
         table = self.workdir / "rounds.md"
         cfg = {**run_config, "round-table": str(table)}
         text = " ".join(
@@ -234,6 +248,8 @@ class Federation:
                 deadline = time.monotonic() + timeout
                 for line in proc.stdout:
                     out.write(line)
+                    if on_line is not None:
+                        on_line(line)
                     if echo and ("[ROUND" in line or "rror" in line):
                         print("  " + line.split(":", 1)[-1].strip(), flush=True)
                     if time.monotonic() > deadline:
@@ -318,11 +334,30 @@ def report(rows: list[dict[str, Any]], table: Path, metrics: tuple[str, str] | N
         print(f"    reference: {final.get('sample-reference', '')}\n")
     if metrics:
         gw, prom = metrics
-        print(f"Metrics: Pushgateway http://{gw}/metrics, Prometheus {prom} (stopped on exit;")
-        print("         the run's figures are in the table above and its .jsonl copy).")
-        print(f"         e.g. {prom}/graph?g0.expr=pema_tenant_train_peak_memory_bytes")
+        print(f"Metrics: Pushgateway http://{gw}/metrics, scraped by Prometheus at {prom}")
+        print("(both stop with the demo; the table above and its .jsonl copy stay). PromQL now:")
+        for query in (
+            "pema_tenant_train_peak_memory_bytes / 2^20",
+            "pema_tenant_train_step_seconds",
+            "pema_tenant_round_seconds",
+        ):
+            values = ", ".join(
+                f"{s['metric'].get('tenant')} {float(s['value'][1]):.3g}"
+                for s in promql(prom, query)
+            )
+            print(f"  {query}: {values or '(not scraped yet)'}")
     else:
         print("Metrics: prometheus/prometheus-pushgateway not installed (make metrics-deps).")
+
+
+def promql(base: str, query: str) -> list[dict[str, Any]]:
+    """An instant PromQL query against a Prometheus server."""
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=5) as r:
+        body = json.load(r)
+    if body.get("status") != "success":
+        raise RuntimeError(f"PromQL {query!r} failed: {body}")
+    return list(body["data"]["result"])
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -332,7 +367,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tenant.demo", description=__doc__)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=200, help="training pairs per tenant")
+    p.add_argument("--pairs", type=int, default=160, help="training pairs per tenant")
     p.add_argument("--valid-pairs", type=int, default=40)
     p.add_argument("--eval-sample", type=int, default=8, help="test pairs generated per round")
     p.add_argument("--local-epochs", type=int, default=2)
@@ -384,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                 "local-epochs": args.local_epochs,
                 "eval-sample-size": args.eval_sample,
                 "min-nodes": len(TENANTS),
+                "redis-ttl": 86400,  # the demo's memories expire from Redis after a day
             },
             timeout=args.timeout - (time.monotonic() - started),
             echo=True,

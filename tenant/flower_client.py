@@ -62,6 +62,10 @@ class NodeConfig:
     group: str = ""  # aggregation group; empty keeps the adapter private
     pushgateway: str = ""
     threads: int = 1
+    # Tenants share the coordinator's CPU: smaller Encode requests interleave across tenants, and
+    # a request may wait behind others' for a while on a small machine.
+    coordinator_timeout: float = 600.0
+    encode_request_tokens: int = 4096
 
     @classmethod
     def from_context(cls, context: Context) -> NodeConfig:
@@ -91,6 +95,8 @@ class NodeConfig:
             group=str(c.get("aggregation-group", "")),
             pushgateway=str(c.get("pushgateway", "")),
             threads=int(c.get("threads", 1)),
+            coordinator_timeout=float(c.get("coordinator-timeout", 600.0)),
+            encode_request_tokens=int(c.get("encode-request-tokens", 4096)),
         )
 
 
@@ -135,7 +141,12 @@ def make_backend(node: NodeConfig) -> Backend:
     """The frozen model behind the coordinator named in the node config; without one, a local
     model folder (`model`, else the default model) loaded in this process."""
     if node.coordinator:
-        return coordinator_backend(node.coordinator, node.token)
+        return coordinator_backend(
+            node.coordinator,
+            node.token,
+            timeout=node.coordinator_timeout,
+            max_request_tokens=node.encode_request_tokens,
+        )
     return local_backend(node.model or None)
 
 
@@ -188,19 +199,19 @@ def train(msg: Message, context: Context) -> Message:
         adapter, _ = load_adapter(node.adapter_dir, backend.backbone.info.revision)
         start_state, origin = adapter.state_dict(), "checkpoint"
     steps: list[float] = []
-    last = [time.perf_counter()]
+    last: list[float] = []  # end of the previous step; none before the first or after a validation
 
     def on_event(e: TrainEvent) -> None:
-        if e.kind == "step":
-            now = time.perf_counter()
+        # Step latency only: the time before the first step (memory) and validations is not in it.
+        now = time.perf_counter()
+        if e.kind == "step" and last:
             steps.append(now - last[0])
-            last[0] = now
+        last[:] = [now] if e.kind == "step" else []
 
     train_pairs = read_pairs(node.train, node.max_pairs)
     valid_pairs = read_pairs(node.valid, node.max_valid_pairs)
     cfg = TrainConfig(lr=run.lr, batch_size=run.batch_size, epochs=run.local_epochs)
     with PeakRss() as rss:
-        last[0] = time.perf_counter()
         outcome = train_job(
             backend, train_pairs, valid_pairs, _adapter_config(node), cfg, node.adapter_dir,
             _store(node, run), node.tenant_id, quiet=True, start_state=start_state,
@@ -220,7 +231,7 @@ def train(msg: Message, context: Context) -> Message:
         "peak-train-memory-bytes": rss.peak,
         "train-memory-extra-bytes": rss.extra,
         "step-seconds": sum(steps) / len(steps) if steps else 0.0,
-        "steps": len(steps),
+        "steps": sum(p.steps for p in outcome.report.phases.values()),
         "round-seconds": time.perf_counter() - started,
     }
     if node.pushgateway:

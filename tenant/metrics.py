@@ -102,7 +102,7 @@ def push_round(gateway: str, figures: RoundFigures, state_file: Path) -> None:
 
     gauge(
         "pema_tenant_train_peak_memory_bytes",
-        "Peak resident memory of the training process during the last round's training",
+        "Peak resident memory of the tenant process while it obtained its memories and trained",
         figures.peak_memory_bytes,
     )
     gauge(
