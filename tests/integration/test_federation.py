@@ -5,15 +5,12 @@ scraping it and the coordinator. Every process is stopped at the end, also when 
 
 from __future__ import annotations
 
-import json
 import shutil
-import urllib.parse
-import urllib.request
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -25,6 +22,7 @@ from pema.data import read_pairs
 from tenant.demo import (
     Federation,
     Processes,
+    promql,
     read_rows,
     start_coordinator,
     start_metrics,
@@ -71,14 +69,6 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
             keys = list(client.scan_iter(match=f"pema:{t}:*"))
             if keys:
                 client.delete(*keys)
-
-
-def promql(base: str, query: str) -> list[dict[str, Any]]:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-    with urllib.request.urlopen(url, timeout=5) as r:
-        body = json.load(r)
-    assert body["status"] == "success", body
-    return list(body["data"]["result"])
 
 
 def weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -172,3 +162,60 @@ def test_two_tenants_two_rounds(services: Services, aggregation: str) -> None:
         timeout=60,
     )
     assert {s["metric"]["tenant"] for s in encodes} == set(tenants)
+
+
+def test_a_tenant_killed_mid_round(services: Services) -> None:
+    """Tenant B's SuperNode is killed while it trains in round 2 and comes back: tenant A's
+    round completes without it, and B's next round resumes from its own round-1 checkpoint."""
+    run_dir = services.workdir / "fault"
+    a, b = services.tenants["none"]  # fresh adapter folders below, same registered tenants
+    procs = Processes(run_dir / "logs")
+    fed = Federation(procs, run_dir)
+    configs = {
+        t: {
+            "tenant-id": t,
+            "token": services.tokens[t],
+            "coordinator": services.coordinator,
+            "train": write_pairs(run_dir / f"train-{t}.tsv", read_pairs(KJV / "train.tsv", 16)),
+            "valid": KJV / "valid.tsv",
+            "max-valid-pairs": 8,
+            "adapter-dir": run_dir / "adapters" / t,
+            "cache-dir": run_dir / "cache",
+        }
+        for t in (a, b)
+    }
+    nodes = {t: fed.add_node(t, c) for t, c in configs.items()}
+    events: list[str] = []
+
+    def inject(line: str) -> None:
+        if "[ROUND 2/3]" in line and not events:
+            # B's ClientApp is starting its round-2 training now: crash B, then bring it back.
+            threading.Timer(3.0, crash_and_restart).start()
+            events.append("scheduled")
+
+    def crash_and_restart() -> None:
+        procs.crash(nodes[b])
+        events.append("crashed")
+        fed.add_node(f"{b}-restarted", configs[b])
+
+    try:
+        table = fed.run(
+            {
+                "num-server-rounds": 3,
+                "aggregation": "none",
+                "eval-sample-size": 1,
+                "min-nodes": 1,  # a round must not wait for a tenant that died
+                "round-timeout": 240.0,
+            },
+            timeout=1200,
+            on_line=inject,
+        )
+    finally:
+        procs.stop_all()
+    print(table.read_text())
+    assert events == ["scheduled", "crashed"]
+    rows = read_rows(table)
+    done = {(r["round"], r.get("tenant")) for r in rows if "error" not in r and "tenant" in r}
+    assert {(1, a), (2, a), (3, a), (1, b), (3, b)} <= done
+    b_round3 = next(r for r in rows if r["round"] == 3 and r.get("tenant") == b)
+    assert b_round3["started_from"] == "checkpoint"
