@@ -54,5 +54,10 @@ metrics-deps:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    --no-install-recommends prometheus prometheus-pushgateway; }
 
+# Offline checks of deploy/ (manifests, image, Prometheus, Grafana): see deploy/README.md.
+.PHONY: deploy-check
+deploy-check: setup metrics-deps
+	$(BIN)/python deploy/check.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

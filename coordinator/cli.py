@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="INFO")
     h = sub.add_parser("hash-token", help="print the sha256 of a token for the tenants file")
     h.add_argument("token")
+    pm = sub.add_parser(
+        "provision-model", help="convert the default model into a cache folder; print its path"
+    )
+    pm.add_argument("--cache-dir", type=Path, default=None, help="default: $PEMA_CACHE_DIR")
     return parser
 
 
@@ -88,11 +93,27 @@ def serve(config: CoordinatorConfig) -> int:
     return 0
 
 
+def provision_model(cache: Path | None) -> int:
+    """Fill a volume with the default model (a Kubernetes init step); idempotent."""
+    from pema.models import CACHE_ENV, default_model_dir  # loads torch
+
+    if cache is not None:
+        os.environ[CACHE_ENV] = str(cache)
+    try:
+        print(default_model_dir(), flush=True)
+    except PemaError as e:
+        print(f"pema-coordinator: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "hash-token":
         print(hash_token(args.token))
         return 0
+    if args.command == "provision-model":
+        return provision_model(args.cache_dir)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

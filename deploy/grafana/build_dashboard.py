@@ -1,0 +1,294 @@
+"""Writes deploy/grafana/dashboard.json (`python deploy/grafana/build_dashboard.py`).
+
+The JSON is generated so that every panel stays short to review here; CI checks that the
+committed file matches this script and that every metric it queries is one the code exports.
+Import it in Grafana (Dashboards > New > Import), choosing the Prometheus data source.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).with_name("dashboard.json")
+DS = {"type": "prometheus", "uid": "${datasource}"}
+T = 'tenant=~"$tenant"'
+
+
+def panel(
+    title: str,
+    targets: list[tuple[str, str]],
+    unit: str,
+    x: int,
+    y: int,
+    w: int = 12,
+    h: int = 8,
+    description: str = "",
+) -> dict[str, Any]:
+    return {
+        "type": "timeseries",
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {"legend": {"displayMode": "table", "placement": "right", "showLegend": True}},
+        "targets": [
+            {"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend}
+            for i, (expr, legend) in enumerate(targets)
+        ],
+    }
+
+
+def row(title: str, y: int) -> dict[str, Any]:
+    return {
+        "type": "row",
+        "title": title,
+        "collapsed": False,
+        "gridPos": {"x": 0, "y": y, "w": 24, "h": 1},
+        "panels": [],
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    rate = "$__rate_interval"
+    panels: list[dict[str, Any]] = [
+        row("Tenant training (pushed by each tenant's ClientApp, last round)", 0),
+        panel(
+            "Training peak memory",
+            [(f"pema_tenant_train_peak_memory_bytes{{{T}}}", "{{tenant}}")],
+            "bytes",
+            0,
+            1,
+            description="Peak RSS of the training process in its last round. The "
+            "PemaTenantTrainingMemoryNearLimit alert fires at 90% of the container limit.",
+        ),
+        panel(
+            "Training latency",
+            [
+                (f"pema_tenant_round_seconds{{{T}}}", "{{tenant}} round"),
+                (f"pema_tenant_memory_build_seconds{{{T}}}", "{{tenant}} memory build"),
+            ],
+            "s",
+            12,
+            1,
+            description="Wall seconds of the last train round, and of obtaining its memories.",
+        ),
+        panel(
+            "Optimizer step time",
+            [(f"pema_tenant_train_step_seconds{{{T}}}", "{{tenant}}")],
+            "s",
+            0,
+            9,
+            w=8,
+        ),
+        panel(
+            "Memory cache hit ratio",
+            [
+                (
+                    f"pema_tenant_cache_hits_total{{{T}}} / (pema_tenant_cache_hits_total{{{T}}}"
+                    f" + pema_tenant_cache_misses_total{{{T}}})",
+                    "{{tenant}}",
+                )
+            ],
+            "percentunit",
+            8,
+            9,
+            w=8,
+        ),
+        panel(
+            "Quality",
+            [
+                (f"pema_tenant_loss{{{T}}}", "{{tenant}} valid loss"),
+                (f"pema_tenant_bleu{{{T}}}", "{{tenant}} BLEU"),
+                (f"pema_tenant_chrf{{{T}}}", "{{tenant}} chrF"),
+            ],
+            "short",
+            16,
+            9,
+            w=8,
+        ),
+        panel(
+            "Last report (age)",
+            [(f'time() - push_time_seconds{{job="pema-tenant", {T}}}', "{{tenant}}")],
+            "s",
+            0,
+            17,
+            w=24,
+            h=6,
+            description="Seconds since each tenant last pushed (train or evaluate); "
+            "PemaTenantMissingFromRounds fires at 3 h while others still report.",
+        ),
+        row("Serving (the coordinator, per tenant)", 23),
+        panel(
+            "Serving latency p50 / p99 (Encode and unary calls)",
+            [
+                (
+                    "histogram_quantile(0.5, sum by (le, tenant, method) (rate("
+                    f'pema_coordinator_request_seconds_bucket{{{T}, method!="Decode"}}[{rate}])))',
+                    "{{tenant}} {{method}} p50",
+                ),
+                (
+                    "histogram_quantile(0.99, sum by (le, tenant, method) (rate("
+                    f'pema_coordinator_request_seconds_bucket{{{T}, method!="Decode"}}[{rate}])))',
+                    "{{tenant}} {{method}} p99",
+                ),
+            ],
+            "s",
+            0,
+            24,
+        ),
+        panel(
+            "Throughput: tokens served",
+            [
+                (
+                    f"sum by (tenant, kind) (rate(pema_coordinator_tokens_total{{{T}}}[{rate}]))",
+                    "{{tenant}} {{kind}}",
+                )
+            ],
+            "short",
+            12,
+            24,
+            description="Tokens per second by kind: encode_input, keys, generated, "
+            "decode_prompt, decode_step.",
+        ),
+        panel(
+            "Throughput: calls",
+            [
+                (
+                    "sum by (tenant, method) "
+                    f"(rate(pema_coordinator_requests_total{{{T}}}[{rate}]))",
+                    "{{tenant}} {{method}}",
+                )
+            ],
+            "reqps",
+            0,
+            32,
+        ),
+        panel(
+            "Errors (calls not OK)",
+            [
+                (
+                    "sum by (tenant, method, code) (rate("
+                    f'pema_coordinator_requests_total{{{T}, code!="OK"}}[{rate}]))',
+                    "{{tenant}} {{method}} {{code}}",
+                ),
+                (
+                    "sum by (method, code) (rate(pema_coordinator_requests_total"
+                    f'{{tenant="_unauthenticated"}}[{rate}]))',
+                    "unauthenticated {{method}} {{code}}",
+                ),
+            ],
+            "reqps",
+            12,
+            32,
+        ),
+        panel(
+            "Active decode sessions",
+            [(f"pema_coordinator_active_sessions{{{T}}}", "{{tenant}}")],
+            "short",
+            0,
+            40,
+            w=8,
+        ),
+        panel(
+            "Model worker queue wait p99",
+            [
+                (
+                    "histogram_quantile(0.99, sum by (le, kind) "
+                    f"(rate(pema_coordinator_queue_seconds_bucket[{rate}])))",
+                    "{{kind}}",
+                )
+            ],
+            "s",
+            8,
+            40,
+            w=8,
+        ),
+        panel(
+            "Encode batch: padded tokens p50 and tenants per batch p50",
+            [
+                (
+                    "histogram_quantile(0.5, sum by (le) "
+                    f"(rate(pema_coordinator_batch_tokens_bucket[{rate}])))",
+                    "tokens",
+                ),
+                (
+                    "histogram_quantile(0.5, sum by (le) "
+                    f"(rate(pema_coordinator_batch_tenants_bucket[{rate}])))",
+                    "tenants",
+                ),
+            ],
+            "short",
+            16,
+            40,
+            w=8,
+        ),
+        panel(
+            "Scrape targets up",
+            [('up{job=~"pema-coordinator|pema-pushgateway"}', "{{job}} {{instance}}")],
+            "short",
+            0,
+            48,
+            w=24,
+            h=5,
+        ),
+    ]
+    for i, p in enumerate(panels):
+        p["id"] = i + 1
+    return {
+        "uid": "pema-federation",
+        "title": "PEMA federation",
+        "description": "Per-tenant training (Pushgateway) and serving (coordinator) figures.",
+        "tags": ["pema"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "refresh": "30s",
+        "time": {"from": "now-6h", "to": "now"},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Prometheus",
+                    "type": "datasource",
+                    "query": "prometheus",
+                },
+                {
+                    "name": "tenant",
+                    "label": "Tenant",
+                    "type": "query",
+                    "datasource": DS,
+                    "query": {
+                        "query": "label_values(pema_tenant_train_peak_memory_bytes, tenant)",
+                        "refId": "tenants",
+                    },
+                    "definition": "label_values(pema_tenant_train_peak_memory_bytes, tenant)",
+                    "refresh": 2,
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".+",
+                    "current": {"text": "All", "value": "$__all"},
+                },
+            ]
+        },
+        "annotations": {"list": []},
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def main() -> int:
+    OUT.write_text(render())
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
