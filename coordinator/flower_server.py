@@ -45,6 +45,7 @@ COLUMNS = [
     ("step s", "step-seconds"),
     ("round s", "round-seconds"),
     ("peak MB", "peak-train-memory-MB"),
+    ("train loss", "train-loss"),
     ("valid loss", "valid-loss"),
     ("top1", "valid-top1"),
     ("BLEU", "bleu"),

@@ -199,11 +199,14 @@ def train(msg: Message, context: Context) -> Message:
         adapter, _ = load_adapter(node.adapter_dir, backend.backbone.info.revision)
         start_state, origin = adapter.state_dict(), "checkpoint"
     steps: list[float] = []
+    losses: list[float] = []
     last: list[float] = []  # end of the previous step; none before the first or after a validation
 
     def on_event(e: TrainEvent) -> None:
         # Step latency only: the time before the first step (memory) and validations is not in it.
         now = time.perf_counter()
+        if e.kind == "step":
+            losses.append(e.loss)
         if e.kind == "step" and last:
             steps.append(now - last[0])
         last[:] = [now] if e.kind == "step" else []
@@ -223,6 +226,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {
         "num-examples": len(train_pairs),
         "train-keys": s["train_keys"],
+        "train-loss": sum(losses) / len(losses) if losses else 0.0,  # mean over the round's steps
         "valid-loss": valid["loss"],
         "valid-top1": valid["top1"],
         "train-seconds": outcome.report.seconds,
