@@ -34,7 +34,7 @@ from pema.memory import Memory, MemorySpec, build_memory
 from pema.models import default_model_dir
 from pema.peers.cli import peak_rss_mib
 from pema.peers.sft import encode_pairs
-from pema.prompts import DEFAULT_TEMPLATE, PromptFormat
+from pema.prompts import TASK_TEMPLATES, PromptFormat
 from pema.training import TrainConfig, train_adapter
 from tenant.backend import local_backend
 from tenant.cli import BEST
@@ -76,14 +76,14 @@ def build_memories(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     files, work = _files(dataset), _work(dataset, args)
     work.mkdir(parents=True, exist_ok=True)
     backend = local_backend()
-    fmt = PromptFormat(backend.tokenizer, DEFAULT_TEMPLATE)
+    fmt = PromptFormat(backend.tokenizer, TASK_TEMPLATES[dataset])
     start = time.perf_counter()
     for split, n in (("train", args.train_pairs), ("valid", args.valid_pairs)):
         pairs = read_pairs(files[split], n)
         spec = MemorySpec(
             backend.backbone.info.revision,
             dataset_fingerprint(pairs),
-            DEFAULT_TEMPLATE,
+            TASK_TEMPLATES[dataset],
             MemoryMode.TEACHER_FORCED.value,
         )
         items = encode_pairs(fmt, pairs, args.max_tokens)
@@ -101,7 +101,7 @@ def train_pema(dataset: str, name: str, args: argparse.Namespace) -> dict[str, A
     train_pairs = read_pairs(files["train"], args.train_pairs)
     head = LMHead(load_head(work / "head.safetensors"))
     train_mem, valid_mem = Memory.load(work / "train.memory"), Memory.load(work / "valid.memory")
-    fmt = PromptFormat(AutoTokenizer.from_pretrained(default_model_dir()), DEFAULT_TEMPLATE)
+    fmt = PromptFormat(AutoTokenizer.from_pretrained(default_model_dir()), TASK_TEMPLATES[dataset])
     rho = token_ratio(
         [len(fmt.text_ids(p.source)) for p in train_pairs],
         [len(fmt.target_ids(p.target)) for p in train_pairs],
@@ -115,7 +115,7 @@ def train_pema(dataset: str, name: str, args: argparse.Namespace) -> dict[str, A
         lambda_max=best["lambda_max"],
         schedule=best["schedule"],
         rho=rho,
-        template=DEFAULT_TEMPLATE,
+        template=TASK_TEMPLATES[dataset],
         memory_mode=best["memory_mode"],
         mixture=int(changes.get("mixture", 1)),
         # DP replays the adapter per sample, which a random dropout mask would break.
@@ -186,6 +186,7 @@ def run_all(args: argparse.Namespace) -> None:
         peer_cmd = {
             name: [sys.executable, "-m", "pema.peers.cli", "train-eval", *flags,
                    "--train", str(files["train"]), "--test", str(files["test"]),
+                   "--template", TASK_TEMPLATES[dataset],
                    "--max-pairs", str(args.train_pairs), "--limit", str(args.test_pairs),
                    "--epochs", str(args.epochs), "--max-tokens", str(args.max_tokens)]
             for name, flags in PEER_RUNS.items()

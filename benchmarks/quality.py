@@ -26,18 +26,13 @@ from pema.generation import Mixing, token_ratio
 from pema.head import save_head
 from pema.memory import Memory, MemorySpec, build_memory
 from pema.models import cache_dir
-from pema.prompts import PromptFormat
+from pema.prompts import TASK_TEMPLATES, PromptFormat
 from pema.training import TrainConfig
 from tenant.backend import Backend, local_backend
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = cache_dir() / "bench"
-
-TEMPLATES = {
-    "kjv_web": "Rewrite in modern English:\n{source}",
-    "web_es": "Translate to Spanish:\n{source}",
-}
 
 
 @dataclass(frozen=True)
@@ -145,7 +140,7 @@ def run_task(task: str, args: argparse.Namespace, cells: Cells, backend: Backend
     valid_all = read_pairs(folder / "valid.tsv")
     valid_keys, valid_gen = valid_all[-args.valid_key_pairs :], valid_all[: args.valid_pairs]
     test = read_pairs(folder / "test.tsv", args.test_pairs)
-    fmt = PromptFormat(backend.tokenizer, TEMPLATES[task])
+    fmt = PromptFormat(backend.tokenizer, TASK_TEMPLATES[task])
     info = backend.backbone.info
     rho = token_ratio(
         [len(fmt.text_ids(p.source)) for p in train], [len(fmt.target_ids(p.target)) for p in train]
@@ -256,7 +251,7 @@ def main() -> int:
         "revision": backend.backbone.info.revision,
         "forward_dtype": backend.backbone.info.dtype,
         "torch_threads": torch.get_num_threads(),
-        "templates": TEMPLATES,
+        "templates": TASK_TEMPLATES,
     }
     for task in args.tasks:
         run_task(task, args, cells, backend)

@@ -11,6 +11,11 @@ from pema.data import Pair
 from pema.errors import DataError
 
 DEFAULT_TEMPLATE = "Rewrite in modern English:\n{source}"
+# The task prompts of the evaluation data in ../shared/data, used by the benchmarks and the demo.
+TASK_TEMPLATES = {
+    "kjv_web": DEFAULT_TEMPLATE,
+    "web_es": "Translate to Spanish:\n{source}",
+}
 
 
 class PromptFormat:
