@@ -36,6 +36,7 @@ import redis
 from coordinator.config import hash_token
 from pema.data import Pair
 from pema.models import default_model_dir
+from pema.prompts import TASK_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -302,9 +303,9 @@ class DemoTenant:
 
 
 TENANTS = [
-    DemoTenant("kjv-genesis", "kjv_web", "Genesis", "Rewrite in modern English:\n{source}", "kjv"),
-    DemoTenant("kjv-exodus", "kjv_web", "Exodus", "Rewrite in modern English:\n{source}", "kjv"),
-    DemoTenant("es-private", "web_es", "Matthew", "Translate to Spanish:\n{source}", ""),
+    DemoTenant("kjv-genesis", "kjv_web", "Genesis", TASK_TEMPLATES["kjv_web"], "kjv"),
+    DemoTenant("kjv-exodus", "kjv_web", "Exodus", TASK_TEMPLATES["kjv_web"], "kjv"),
+    DemoTenant("es-private", "web_es", "Matthew", TASK_TEMPLATES["web_es"], ""),
 ]
 
 
