@@ -62,13 +62,7 @@ VARIANTS = {
         dict(batch_size=256, epochs=6, eval_every=50),
     ),
 }
-MIXINGS = [
-    Mixing(0.9, "gu"),
-    Mixing(0.5, "gu"),
-    Mixing(0.3, "constant"),
-    Mixing(0.5, "constant"),
-    Mixing(0.7, "constant"),
-]
+MIXINGS = [Mixing(0.9, "gu"), Mixing(0.5, "gu"), Mixing(0.5, "constant")]
 
 
 class Cells:
@@ -134,7 +128,9 @@ def train_cell(
     )
 
 
-def run_task(task: str, args: argparse.Namespace, cells: Cells, backend: Backend) -> None:
+def run_task(
+    task: str, modes: list[MemoryMode], args: argparse.Namespace, cells: Cells, backend: Backend
+) -> None:
     folder = DATA / task
     train = read_pairs(folder / "train.tsv", args.train_pairs)
     valid_all = read_pairs(folder / "valid.tsv")
@@ -179,7 +175,11 @@ def run_task(task: str, args: argparse.Namespace, cells: Cells, backend: Backend
     modes = [MemoryMode.TEACHER_FORCED] + (
         [MemoryMode.FREE_RUNNING] if task in args.free_running_tasks else []
     )
-    chosen_mixing = Mixing(0.9, "gu")
+    chosen = cells.data.get(
+        f"{prefix}/teacher-forced/{args.variants[-1]}/chosen_on_valid", "gu-0.9"
+    )
+    schedule, lam = chosen.split("-")
+    chosen_mixing = Mixing(float(lam), schedule)
     for mode in modes:
         mem_key = f"{prefix}/memory/{mode.value}"
         mem_path, seconds = memory_for(backend, fmt, train, mode)
@@ -253,8 +253,11 @@ def main() -> int:
         "torch_threads": torch.get_num_threads(),
         "templates": TASK_TEMPLATES,
     }
+    # Teacher-forced memories for every task first; the costlier free-running ones last.
     for task in args.tasks:
-        run_task(task, args, cells, backend)
+        run_task(task, [MemoryMode.TEACHER_FORCED], args, cells, backend)
+    for task in args.free_running_tasks:
+        run_task(task, [MemoryMode.FREE_RUNNING], args, cells, backend)
     cells.path.write_text(json.dumps(cells.data, indent=1, ensure_ascii=False) + "\n")
     from benchmarks.quality_report import write_report
 
