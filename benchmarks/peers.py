@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 
 from pema.adapter import AdapterConfig, PemaAdapter, save_adapter
 from pema.backbone import MemoryMode
-from pema.data import dataset_fingerprint, read_pairs
+from pema.data import dataset_fingerprint, read_pairs, shared_data_dir
 from pema.generation import Mixing, token_ratio
 from pema.head import LMHead, load_head, save_head
 from pema.memory import Memory, MemorySpec, build_memory
@@ -40,7 +40,7 @@ from tenant.backend import local_backend
 from tenant.cli import BEST
 from tenant.jobs import evaluate_job
 
-DATA = Path("/work/shared/data")
+DATA = shared_data_dir()
 RESULTS = Path(__file__).parent / "results"
 WORK = Path("/tmp/pema-peers-bench")
 PEER_RUNS = {

@@ -20,7 +20,7 @@ import torch
 
 from pema.adapter import AdapterConfig, load_adapter
 from pema.backbone import MemoryMode
-from pema.data import Pair, dataset_fingerprint, read_pairs
+from pema.data import Pair, dataset_fingerprint, read_pairs, shared_data_dir
 from pema.evaluation import score, translate
 from pema.generation import Mixing, token_ratio
 from pema.head import save_head
@@ -30,7 +30,7 @@ from pema.prompts import TASK_TEMPLATES, PromptFormat
 from pema.training import TrainConfig
 from tenant.backend import Backend, local_backend
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data_dir()
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = cache_dir() / "bench"
 

@@ -33,12 +33,12 @@ from coordinator.config import CoordinatorConfig, Tenant, hash_token
 from coordinator.server import CoordinatorServer, load_model
 from pema.adapter import AdapterConfig, PemaAdapter
 from pema.backbone import EncodeItem, MemoryMode
-from pema.data import read_pairs
+from pema.data import read_pairs, shared_data_dir
 from pema.generation import Mixing, generate
 from pema.prompts import DEFAULT_TEMPLATE, PromptFormat
 from tenant.coordinator_client import ClientConfig, CoordinatorBackbone, CoordinatorClient
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "kjv_web" / "train.tsv"
+DATA = shared_data_dir() / "kjv_web" / "train.tsv"
 RESULTS = Path(__file__).resolve().parent / "results"
 TENANT_COUNTS = (1, 4, 8)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -95,12 +94,10 @@ def serve(config: CoordinatorConfig) -> int:
 
 def provision_model(cache: Path | None) -> int:
     """Fill a volume with the default model (a Kubernetes init step); idempotent."""
-    from pema.models import CACHE_ENV, default_model_dir  # loads torch
+    from pema.models import default_model_dir  # loads torch
 
-    if cache is not None:
-        os.environ[CACHE_ENV] = str(cache)
     try:
-        print(default_model_dir(), flush=True)
+        print(default_model_dir(cache), flush=True)
     except PemaError as e:
         print(f"pema-coordinator: error: {e}", file=sys.stderr)
         return 2

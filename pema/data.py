@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pema.errors import DataError
+
+DATA_ENV = "PEMA_DATA_DIR"
+_FALLBACK_DATA_DIR = Path("/work/shared/data")
+
+
+def shared_data_dir() -> Path:
+    """The evaluation data: $PEMA_DATA_DIR, else the first `shared/data` beside the project or one
+    of its parents (the layout of this workplace), else /work/shared/data."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parents[1]
+    for base in (here, *here.parents):
+        if (base / "shared" / "data").is_dir():
+            return base / "shared" / "data"
+    return _FALLBACK_DATA_DIR
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,10 @@ def cache_dir() -> Path:
     return base
 
 
-def default_model_dir() -> Path:
-    """The default model as an ordinary safetensors folder, converted from its GGUF on first use."""
-    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+def default_model_dir(cache: Path | None = None) -> Path:
+    """The default model as an ordinary safetensors folder under `cache` (default: cache_dir()),
+    converted from its GGUF on first use."""
+    target = (cache or cache_dir()) / "models" / DEFAULT_MODEL_NAME
     if (target / "config.json").is_file():
         return target
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)

@@ -34,13 +34,13 @@ from typing import Any, TypeVar
 import redis
 
 from coordinator.config import hash_token
-from pema.data import Pair
+from pema.data import Pair, shared_data_dir
 from pema.models import default_model_dir
 from pema.prompts import TASK_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DATA = Path(os.environ.get("PEMA_DATA_DIR", ROOT.parent / "shared" / "data"))
+DATA = shared_data_dir()
 REDIS_URL = "redis://127.0.0.1:6379/0"
 T = TypeVar("T")
 

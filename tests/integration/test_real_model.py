@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "kjv_web"
+from pema.data import shared_data_dir
+
+DATA = shared_data_dir() / "kjv_web"
 
 pytestmark = [
     pytest.mark.slow,

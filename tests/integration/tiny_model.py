@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from pema.data import shared_data_dir
 from pema.models import cache_dir
 
 TOKENIZER_DIR = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-KJV = Path(__file__).resolve().parents[3] / "shared" / "data" / "kjv_web"
+KJV = shared_data_dir() / "kjv_web"
 
 
 def make_tiny_model(out: Path, seed: int = 0) -> Path:
