@@ -29,6 +29,7 @@ from pema.models import cache_dir
 from pema.prompts import TASK_TEMPLATES, PromptFormat
 from pema.training import TrainConfig
 from tenant.backend import Backend, local_backend
+from tenant.cli import BEST
 
 DATA = shared_data_dir()
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,11 +56,11 @@ VARIANTS = {
         dict(variant="faithful", rank=512, key_norm="rms", kappa=0.2),
         dict(batch_size=2048, rct_batch_size=20480, epochs=10, rct_epochs=5),
     ),
-    # Residual token-prediction path: starts at the model's own distribution.
+    # Residual token-prediction path, exactly as `pema-tenant train` runs it by default.
     "residual": Variant(
         "residual",
-        dict(variant="residual", rank=64, key_norm="rms", kappa=0.0),
-        dict(batch_size=256, epochs=6, eval_every=50),
+        {k: BEST[k] for k in ("variant", "rank", "key_norm", "kappa")},
+        {k: BEST[k] for k in ("batch_size", "epochs", "lr")},
     ),
 }
 MIXINGS = [Mixing(0.9, "gu"), Mixing(0.5, "gu"), Mixing(0.5, "constant")]
