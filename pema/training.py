@@ -119,11 +119,13 @@ def evaluate_memory(
     adapter: PemaAdapter,
     head: LMHead,
     memory: Memory,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     with_model_baseline: bool = False,
 ) -> dict[str, float]:
     """Validation figures: reconstruction MSE, CE and top-1 of P_PEMA and the joint loss; with
-    `with_model_baseline`, also the frozen model's own CE and top-1 on the same keys."""
+    `with_model_baseline`, also the frozen model's own CE and top-1 on the same keys. Batches are
+    small because each holds batch x V fp32 logits (50 MB at 256 x 49,152): validation must not
+    set the tenant's peak memory."""
     was_training = adapter.training
     adapter.eval()
     n = len(memory)
