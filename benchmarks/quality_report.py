@@ -36,19 +36,18 @@ def write_report(data: dict[str, Any], path: Path) -> None:
             t, v = cells.get(f"{name}/test"), cells.get(f"{name}/valid")
             if t:
                 lines.append(f"| {name} | | {t['bleu']} | {t['chrf']} | {v['chrf'] if v else ''} |")
-        for key, value in sorted(cells.items()):
-            parts = key.split("/")
-            if len(parts) == 5 and parts[3] == "test":
-                n, mode, variant, _, tag = parts
-                valid = cells.get(f"{n}/{mode}/{variant}/valid/{tag}")
-                chosen = cells.get(f"{n}/{mode}/{variant}/chosen_on_valid") == tag
-                label = f"PEMA {variant}, {tag.replace('-', ' λ ')}" + (
-                    " (chosen on valid)" if chosen else ""
-                )
-                lines.append(
-                    f"| {label} | {mode}, {n[1:]} pairs | {value['bleu']} | {value['chrf']} | "
-                    f"{valid['chrf'] if valid else ''} |"
-                )
+        runs = sorted({(*k.split("/")[:3], k.split("/")[4]) for k in cells if k.count("/") == 4})
+        for n, mode, variant, tag in runs:
+            test = cells.get(f"{n}/{mode}/{variant}/test/{tag}")
+            valid = cells.get(f"{n}/{mode}/{variant}/valid/{tag}")
+            chosen = cells.get(f"{n}/{mode}/{variant}/chosen_on_valid") == tag
+            label = f"PEMA {variant}, {tag.replace('-', ' λ ')}" + (
+                " (chosen on valid)" if chosen else ""
+            )
+            lines.append(
+                f"| {label} | {mode}, {n[1:]} pairs | {test['bleu'] if test else '–'} | "
+                f"{test['chrf'] if test else '–'} | {valid['chrf'] if valid else ''} |"
+            )
         lines += [
             "",
             "| training run | keys | build s | train s | s/epoch | peak RSS MiB | valid top-1 | model top-1 | valid CE | model CE |",
