@@ -166,7 +166,15 @@ def start_metrics(
         "  - job_name: pema-coordinator\n"
         f"    static_configs: [{{targets: {json.dumps(also_scrape or [])}}}]\n"
     )
-    procs.start("pushgateway", ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{gw}"])
+    # Debian's build persists to /var/lib/prometheus by default, which would carry metrics of
+    # earlier runs (and other tests) into this one: keep this gateway's state in its run folder.
+    procs.start(
+        "pushgateway",
+        [
+            "prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{gw}",
+            f"--persistence.file={workdir / 'pushgateway.data'}",
+        ],
+    )  # fmt: skip
     procs.start(
         "prometheus",
         [
