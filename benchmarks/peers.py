@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.peers [--train-pairs 256 --test-pairs 40 ...]
 
-Every run is its own subprocess, so ru_maxrss is that run's own peak. Peers run through
+Every run is its own subprocess, so its peak RSS (VmHWM) is that run's own. Peers run through
 `python -m pema.peers.cli train-eval`; PEMA runs in two steps: one process builds the memories with
 the model (timed, reported separately), then each PEMA variant trains in a fresh process that holds
 only what a tenant holds (head + adapter + memory), and its peak RSS is read before the model is
@@ -224,7 +224,7 @@ def write_report(doc: dict[str, Any]) -> None:
         f"and first {s['test_pairs']} test pairs for every method, {s['epochs']} epoch(s) for the "
         f"peers, rows capped at {s['max_tokens']} tokens (prompt + target); PEMA trains with the "
         f"`pema-tenant train` defaults (rank 64, residual, 8 epochs with early stopping on "
-        f"{s['valid_pairs']} validation pairs). Peak RSS is the training process's ru_maxrss "
+        f"{s['valid_pairs']} validation pairs). Peak RSS is the training process's VmHWM "
         f"(peers: fp32 model + optimizer; PEMA: head + adapter + memory, no model). DP: δ = 1/(2N), "
         f"N = training pairs, the privacy unit is a pair.",
         "",

@@ -1,5 +1,5 @@
 """Train one adapter from a saved memory and head, in its own process, so that the peak memory
-measured (ru_maxrss) is the tenant's training alone: head + adapter + memory, no model."""
+measured (VmHWM) is the tenant's training alone: head + adapter + memory, no model."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from pema.adapter import AdapterConfig, PemaAdapter, save_adapter
 from pema.head import LMHead, load_head
 from pema.memory import Memory
+from pema.process import peak_rss_bytes
 from pema.training import TrainConfig, train_adapter
-from tenant.jobs import peak_rss_bytes
 
 
 def main() -> int:

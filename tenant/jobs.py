@@ -4,7 +4,6 @@ and the benchmarks. Progress goes to tqdm bars on stderr."""
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,24 +20,13 @@ from pema.data import Pair, dataset_fingerprint
 from pema.evaluation import score, translate
 from pema.generation import Mixing, token_ratio
 from pema.memory import Memory, MemorySpec, build_memory
+from pema.process import peak_rss_bytes
 from pema.prompts import PromptFormat
 from pema.training import Callback, TrainConfig, TrainEvent, TrainReport, train_adapter
 from tenant.backend import Backend
 from tenant.memory_store import ShardedMemoryStore
 
 log = logging.getLogger(__name__)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size. VmHWM, unlike ru_maxrss, is not inherited from the
-    parent across fork + exec, so a child's figure is its own."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _advance(bar: tqdm) -> Callable[[int], None]:

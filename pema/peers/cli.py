@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from pema.peers.lora import DEFAULT_TARGETS, AdaMixPeer, full_peer, lora_peer
 from pema.peers.private import train_peer_private
 from pema.peers.sft import HFPeer, Peer, SFTConfig, encode_pairs, evaluate_peer, train_sft
 from pema.peers.shift import ShiftPeer
+from pema.process import peak_rss_bytes
 from pema.prompts import DEFAULT_TEMPLATE, PromptFormat
 
 METHODS = ("untuned", "copy", "full", "lora", "adamix", "slash", "jrwarp")
@@ -35,7 +35,7 @@ DEFAULT_LR = {"full": 2e-5, "lora": 1e-3, "adamix": 1e-3, "slash": 1e-2, "jrwarp
 
 
 def peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return round(peak_rss_bytes() / 2**20, 1)
 
 
 def build_peer(method: str, model: Any, args: argparse.Namespace) -> Peer:
