@@ -198,8 +198,10 @@ def run_all(args: argparse.Namespace) -> None:
                  "JR-WARP DP ε=8", "JR-WARP DP ε=3"]  # fmt: skip
         commands = {**peer_cmd, "memory build": [*me, "memory", dataset, *common], **pema_cmd}
         plan = [(name, commands[name]) for name in order]
+        memories_on_disk = (_work(dataset, args) / "head.safetensors").exists()
         for name, cmd in plan:
-            if name in runs:
+            # The memories live in /tmp: a resumed run rebuilds them if they are gone.
+            if name in runs and (name != "memory build" or memories_on_disk):
                 continue
             start = time.perf_counter()
             print(f"[{dataset}] {name} ...", file=sys.stderr, flush=True)

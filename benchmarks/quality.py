@@ -192,6 +192,9 @@ def run_task(
             variant = VARIANTS[vname]
             cell = f"{prefix}/{mode.value}/{vname}"
             out = WORK / "adapters" / cell.replace("/", "_")
+            if not out.is_dir():
+                # Adapters live in the cache: on another machine a finished cell is retrained.
+                cells.data.pop(f"{cell}/train", None)
             cells.get_or_run(
                 f"{cell}/train",
                 lambda v=variant, m=mem_path, o=out: train_cell(

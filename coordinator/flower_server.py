@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ COLUMNS = [
     ("train s", "train-seconds"),
     ("step s", "step-seconds"),
     ("round s", "round-seconds"),
+    ("fit wall s", "train-wall-seconds"),
     ("peak MB", "peak-train-memory-MB"),
     ("train loss", "train-loss"),
     ("valid loss", "valid-loss"),
@@ -72,6 +74,7 @@ class GroupedFedAvg(FedAvg):
         self.node_group: dict[int, str] = {}  # learned from replies
         self.group_arrays: dict[str, ArrayRecord] = {}
         self.rows: dict[tuple[int, int], dict[str, Any]] = {}  # (round, node) -> row
+        self.train_started: dict[int, float] = {}  # round -> when its train messages went out
 
     def _messages(
         self, server_round: int, config: ConfigRecord, grid: Grid, kind: str, minimum: int
@@ -91,6 +94,7 @@ class GroupedFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.train_started[server_round] = time.perf_counter()
         return self._messages(server_round, config, grid, MessageType.TRAIN, self.min_train_nodes)
 
     def configure_evaluate(
@@ -126,12 +130,16 @@ class GroupedFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        # The round's training as the server sees it: from sending the train messages to holding
+        # every reply (the tenants' own train-seconds exclude start-up, transfer and scheduling).
+        wall = time.perf_counter() - self.train_started.get(server_round, time.perf_counter())
         by_group: dict[str, list[RecordDict]] = {}
         contents = []
         for msg in replies:
             row = self._record(server_round, msg, "train")
             if row is None:
                 continue
+            row["train-wall-seconds"] = wall
             # Every array the server ever receives is counted, whatever the tenant's settings.
             row["arrays-sent"] = sum(len(a) for a in msg.content.array_records.values())
             contents.append(msg.content)

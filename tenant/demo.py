@@ -233,15 +233,17 @@ class Federation:
         timeout: float,
         echo: bool = False,
         on_line: Callable[[str], None] | None = None,
+        name: str = "rounds",
     ) -> Path:
-        """`flwr run` to the end; returns the round table. Raises with the log's tail on failure.
-        `on_line` sees every line of the run's log as it arrives (tests inject faults with it)."""
-        table = self.workdir / "rounds.md"
+        """`flwr run` to the end; returns the round table (`name`.md, and `name`.jsonl). Raises
+        with the log's tail on failure. `on_line` sees every line of the run's log as it arrives
+        (tests inject faults with it)."""
+        table = self.workdir / f"{name}.md"
         cfg = {**run_config, "round-table": str(table)}
         text = " ".join(
             f"{k}={v}" if isinstance(v, int | float) else f"{k}='{v}'" for k, v in cfg.items()
         )
-        log = self.workdir / "flwr-run.log"
+        log = self.workdir / f"flwr-{name}.log"
         args = [str(BIN / "flwr"), "run", str(ROOT), "local-test", "--stream"]
         with log.open("w") as out:
             proc = subprocess.Popen(

@@ -157,7 +157,8 @@ def _store(node: NodeConfig, run: RunSettings) -> ShardedMemoryStore:
     )
 
 
-def _adapter_config(node: NodeConfig) -> AdapterConfig:
+def adapter_config(template: str) -> AdapterConfig:
+    """The adapter a tenant trains in rounds: the CLI's best configuration, with its template."""
     return AdapterConfig(
         hidden_size=1,  # set from the model by train_job
         rank=int(BEST["rank"]),
@@ -166,7 +167,7 @@ def _adapter_config(node: NodeConfig) -> AdapterConfig:
         kappa=float(BEST["kappa"]),
         lambda_max=float(BEST["lambda_max"]),
         schedule=str(BEST["schedule"]),
-        template=node.template,
+        template=template,
         memory_mode=str(BEST["memory_mode"]),
     )
 
@@ -216,7 +217,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = TrainConfig(lr=run.lr, batch_size=run.batch_size, epochs=run.local_epochs)
     with PeakRss() as rss:
         outcome = train_job(
-            backend, train_pairs, valid_pairs, _adapter_config(node), cfg, node.adapter_dir,
+            backend, train_pairs, valid_pairs, adapter_config(node.template), cfg, node.adapter_dir,
             _store(node, run), node.tenant_id, quiet=True, start_state=start_state,
             phases=(2,) if start_state is not None else (1, 2), on_event=on_event,
         )  # fmt: skip

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_model import make_tiny_llama, save_tiny_model
+from transformers import AutoTokenizer, LlamaForCausalLM
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,51 +37,6 @@ def tokenizer(default_model_path: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(default_model_path)
 
 
-def tiny_llama_config(
-    tokenizer: PreTrainedTokenizerBase,
-    max_position_embeddings: int = 512,
-    vocab_size: int | None = None,
-) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size or len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def make_tiny_llama(
-    tokenizer: PreTrainedTokenizerBase,
-    seed: int = 0,
-    max_position_embeddings: int = 512,
-    vocab_size: int | None = None,
-) -> LlamaForCausalLM:
-    """A random 2-layer Llama (hidden 32), fp32, eval mode, over the real tokenizer's vocabulary
-    unless a smaller `vocab_size` is asked for (token-id-only tests that want speed)."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(tokenizer, max_position_embeddings, vocab_size))
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def _save_tiny_folder(
-    root: Path, tokenizer: PreTrainedTokenizerBase, max_position_embeddings: int, seed: int
-) -> Path:
-    model = make_tiny_llama(tokenizer, seed=seed, max_position_embeddings=max_position_embeddings)
-    root.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
-
-
 @pytest.fixture(scope="session")
 def make_llama(tokenizer: PreTrainedTokenizerBase):
     """Factory for fresh tiny Llamas: make_llama(seed, max_position_embeddings, vocab_size)."""
@@ -98,7 +54,7 @@ def tiny_model_dir(
     tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerBase
 ) -> Path:
     """A tiny Llama saved as an ordinary Hugging Face folder (room for 512 positions)."""
-    return _save_tiny_folder(tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer, 512, 0)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -106,4 +62,6 @@ def short_model_dir(
     tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerBase
 ) -> Path:
     """A tiny Llama whose config allows only 64 positions, to provoke over-long sequences."""
-    return _save_tiny_folder(tmp_path_factory.mktemp("short") / "tiny-llama-64", tokenizer, 64, 1)
+    return save_tiny_model(
+        tmp_path_factory.mktemp("short") / "tiny-llama-64", tokenizer, 1, max_position_embeddings=64
+    )

@@ -23,7 +23,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_model import save_tiny_model
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from coordinator.config import CoordinatorConfig, Tenant, TenantLimits, hash_token
 from coordinator.server import CoordinatorServer, load_model
@@ -53,38 +54,16 @@ SMALL = TenantLimits(
 C = grpc.StatusCode
 
 
-def tiny_model_dir(root: Path, tokenizer_dir: Path) -> Path:
-    """A random 2-layer Llama (hidden 32) with the real SmolLM2 tokenizer, saved as a folder."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    # Larger weights than the default init, so the model's greedy choices are not near-ties.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    path = root / "tiny-llama"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 class Env:
     def __init__(self, root: Path, tokenizer_dir: Path) -> None:
         self.root = root
-        self.model_dir = tiny_model_dir(root, tokenizer_dir)
+        # Larger weights than the default init, so the model's greedy choices are not near-ties.
+        self.model_dir = save_tiny_model(
+            root / "tiny-llama",
+            AutoTokenizer.from_pretrained(tokenizer_dir),
+            max_position_embeddings=256,
+            init_std=0.2,
+        )
         tenants = tuple(
             Tenant(t, hash_token(TOKENS[t]), SMALL if t == "small" else TenantLimits())
             for t in TENANTS

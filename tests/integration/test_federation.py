@@ -16,7 +16,7 @@ import pytest
 import redis
 import torch
 from safetensors.torch import load_file
-from tiny_model import KJV, make_tiny_model
+from tiny_model import KJV, save_tiny_model
 
 from pema.data import read_pairs
 from tenant.demo import (
@@ -52,7 +52,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         if shutil.which(binary) is None:
             pytest.fail(f"{binary} is not installed: run `make metrics-deps`")
     workdir = tmp_path_factory.mktemp("federation")
-    model = make_tiny_model(workdir / "model")
+    model = save_tiny_model(workdir / "model")
     run = uuid.uuid4().hex[:8]
     tenants = {m: [f"fed-{m}-{run}-{i}" for i in range(2)] for m in MODES}
     tokens = {t: uuid.uuid4().hex for ts in tenants.values() for t in ts}
@@ -122,6 +122,8 @@ def test_two_tenants_two_rounds(services: Services, aggregation: str) -> None:
         assert "error" not in r, r
         assert r["num-examples"] == 24 and r["train-keys"] > 0
         assert r["peak-train-memory-bytes"] > 0 and r["train-seconds"] > 0
+        # The server's view of a round's training holds the tenant's whole train step.
+        assert r["train-wall-seconds"] >= r["round-seconds"] >= r["train-seconds"]
         assert {"bleu", "chrf", "valid-loss"} <= r.keys()
         # Round 2 reads both memories from Redis (same tenant, same data).
         assert r["cache-hit"] == (1 if r["round"] > 1 else 0)

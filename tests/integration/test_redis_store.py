@@ -15,7 +15,7 @@ import redis
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import NoPermissionError
-from tiny_model import KJV, make_tiny_model
+from tiny_model import KJV, save_tiny_model
 
 from pema.backbone import Backbone, Encoded, EncodeItem, MemoryMode
 from pema.data import Pair, read_pairs
@@ -63,7 +63,7 @@ class CountingBackbone:
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Backend:
-    model = make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    model = save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
     return local_backend(model, torch.float32)
 
 
@@ -169,7 +169,7 @@ def test_second_run_does_not_call_the_coordinators_encode(
     tmp_path: Path, pairs: list[Pair], tenant: str
 ) -> None:
     """Through a real coordinator process: its request counter proves the cache hit."""
-    model = make_tiny_model(tmp_path / "model")
+    model = save_tiny_model(tmp_path / "model")
     token = secrets.token_hex(8)
     procs = Processes(tmp_path / "logs")
     try:
