@@ -63,7 +63,19 @@ VARIANTS = {
         {k: BEST[k] for k in ("batch_size", "epochs", "lr")},
     ),
 }
-MIXINGS = [Mixing(0.9, "gu"), Mixing(0.5, "gu"), Mixing(0.5, "constant")]
+MIXINGS = ["gu-0.9", "gu-0.5", "constant-0.5"]
+
+
+def parse_mixing(tag: str) -> Mixing:
+    """`gu-0.9` or `constant-0.5`: the schedule and λ (λ_max for GU)."""
+    schedule, _, lam = tag.partition("-")
+    try:
+        mixing = Mixing(float(lam), schedule)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a mixing (e.g. gu-0.9): {tag!r}") from None
+    if schedule not in ("gu", "constant") or not 0 < mixing.lambda_max <= 1:
+        raise argparse.ArgumentTypeError(f"not a mixing (e.g. gu-0.9): {tag!r}")
+    return mixing
 
 
 class Cells:
@@ -179,8 +191,7 @@ def run_task(
     chosen = cells.data.get(
         f"{prefix}/teacher-forced/{args.variants[-1]}/chosen_on_valid", "gu-0.9"
     )
-    schedule, lam = chosen.split("-")
-    chosen_mixing = Mixing(float(lam), schedule)
+    chosen_mixing = parse_mixing(chosen)
     for mode in modes:
         mem_key = f"{prefix}/memory/{mode.value}"
         mem_path, seconds = memory_for(backend, fmt, train, mode)
@@ -208,7 +219,7 @@ def run_task(
                 )
                 continue
             picks: dict[str, tuple[float, Mixing]] = {}
-            for mixing in MIXINGS if mode == MemoryMode.TEACHER_FORCED else [chosen_mixing]:
+            for mixing in args.mixings if mode == MemoryMode.TEACHER_FORCED else [chosen_mixing]:
                 tag = f"{mixing.schedule}-{mixing.lambda_max}"
                 r = cells.get_or_run(
                     f"{cell}/valid/{tag}", lambda o=out, mx=mixing: gen(valid_gen, o, mx)
@@ -238,6 +249,13 @@ def main() -> int:
         help="the last one gets the λ selection on valid and the free-running run",
     )
     p.add_argument("--train-pairs", type=int, default=1000)
+    p.add_argument(
+        "--mixings",
+        nargs="+",
+        type=parse_mixing,
+        default=[parse_mixing(m) for m in MIXINGS],
+        help="the schedules tried on valid (e.g. gu-0.9 constant-0.25)",
+    )
     p.add_argument("--valid-pairs", type=int, default=60, help="valid.tsv prefix for choosing λ")
     p.add_argument(
         "--valid-key-pairs", type=int, default=200, help="valid.tsv suffix for early stopping"
