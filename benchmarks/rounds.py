@@ -59,7 +59,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def federated(args: argparse.Namespace, workdir: Path, tenant: str) -> dict[str, list[dict]]:
     """The cold and the cached `flwr run` of one tenant; their round rows."""
-
     token = uuid.uuid4().hex
     procs = Processes(workdir / "logs")
     adapter_dir = workdir / "adapter"
@@ -104,7 +103,6 @@ def federated(args: argparse.Namespace, workdir: Path, tenant: str) -> dict[str,
 
 def in_process(args: argparse.Namespace, workdir: Path, tenant: str) -> list[dict[str, float]]:
     """The same training without Flower or the coordinator: wall seconds of each 'round'."""
-
     torch.set_num_threads(args.threads)
     backend = local_backend()
     train_pairs = read_pairs(workdir / "train.tsv")
