@@ -78,6 +78,11 @@ def parse_mixing(tag: str) -> Mixing:
     return mixing
 
 
+def mixing_tag(mixing: Mixing) -> str:
+    """The inverse of parse_mixing: the name of a mixing in cell keys."""
+    return f"{mixing.schedule}-{mixing.lambda_max}"
+
+
 class Cells:
     """Results keyed by cell name, persisted after every cell."""
 
@@ -220,7 +225,7 @@ def run_task(
                 continue
             picks: dict[str, tuple[float, Mixing]] = {}
             for mixing in args.mixings if mode == MemoryMode.TEACHER_FORCED else [chosen_mixing]:
-                tag = f"{mixing.schedule}-{mixing.lambda_max}"
+                tag = mixing_tag(mixing)
                 r = cells.get_or_run(
                     f"{cell}/valid/{tag}", lambda o=out, mx=mixing: gen(valid_gen, o, mx)
                 )
@@ -231,11 +236,9 @@ def run_task(
             # On test: the paper's setting, the best on valid, and the best constant λ on valid.
             chosen = {Mixing(0.9, "gu"), chosen_mixing, picks.get("constant", picks["any"])[1]}
             for mixing in sorted(chosen, key=lambda m: (m.schedule, m.lambda_max)):
-                tag = f"{mixing.schedule}-{mixing.lambda_max}"
+                tag = mixing_tag(mixing)
                 cells.get_or_run(f"{cell}/test/{tag}", lambda o=out, mx=mixing: gen(test, o, mx))
-            cells.data[f"{cell}/chosen_on_valid"] = (
-                f"{chosen_mixing.schedule}-{chosen_mixing.lambda_max}"
-            )
+            cells.data[f"{cell}/chosen_on_valid"] = mixing_tag(chosen_mixing)
 
 
 def main() -> int:
