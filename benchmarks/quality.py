@@ -63,7 +63,7 @@ VARIANTS = {
         {k: BEST[k] for k in ("batch_size", "epochs", "lr")},
     ),
 }
-MIXINGS = ["gu-0.9", "gu-0.5", "constant-0.5"]
+MIXINGS = ["gu-0.9", "gu-0.5", "constant-0.5", "constant-0.25"]
 
 
 def parse_mixing(tag: str) -> Mixing:
@@ -81,6 +81,9 @@ def parse_mixing(tag: str) -> Mixing:
 def mixing_tag(mixing: Mixing) -> str:
     """The inverse of parse_mixing: the name of a mixing in cell keys."""
     return f"{mixing.schedule}-{mixing.lambda_max}"
+
+
+DEFAULT_MIXING = parse_mixing(f"{BEST['schedule']}-{BEST['lambda_max']}")  # pema-tenant's
 
 
 class Cells:
@@ -233,8 +236,14 @@ def run_task(
                     if group not in picks or r["chrf"] > picks[group][0]:
                         picks[group] = (r["chrf"], mixing)
             chosen_mixing = picks["any"][1]
-            # On test: the paper's setting, the best on valid, and the best constant λ on valid.
-            chosen = {Mixing(0.9, "gu"), chosen_mixing, picks.get("constant", picks["any"])[1]}
+            # On test: the paper's setting, the best on valid, the best constant λ on valid, and
+            # pema-tenant's default (chosen on valid across tasks: quality_report.default_choice).
+            chosen = {
+                Mixing(0.9, "gu"),
+                chosen_mixing,
+                picks.get("constant", picks["any"])[1],
+                DEFAULT_MIXING,
+            }
             for mixing in sorted(chosen, key=lambda m: (m.schedule, m.lambda_max)):
                 tag = mixing_tag(mixing)
                 cells.get_or_run(f"{cell}/test/{tag}", lambda o=out, mx=mixing: gen(test, o, mx))

@@ -12,6 +12,57 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
 
+def default_choice(data: dict[str, Any], variant: str = "residual") -> dict[str, Any] | None:
+    """The one mixing a default must use for every task, chosen on valid only: per task the
+    largest teacher-forced run of `variant`, the gain of each mixing's valid chrF over the untuned
+    model's, and the mixing whose smallest gain across tasks is largest (a default must not make
+    any task worse). None until every task has a run with valid cells."""
+    tasks = sorted({k.split("/")[0] for k in data if k.endswith("/untuned/valid")})
+    gains: dict[str, dict[str, float]] = {}  # mixing -> task -> gain
+    runs: dict[str, str] = {}
+    for task in tasks:
+        sizes = [
+            int(k.split("/")[1][1:])
+            for k in data
+            if k.startswith(f"{task}/n") and k.endswith(f"/teacher-forced/{variant}/train")
+        ]
+        if not sizes:
+            return None
+        run = f"{task}/n{max(sizes)}/teacher-forced/{variant}"
+        runs[task] = run
+        untuned = data[f"{task}/untuned/valid"]["chrf"]
+        for key, cell in data.items():
+            if key.startswith(f"{run}/valid/"):
+                gains.setdefault(key.rsplit("/", 1)[1], {})[task] = cell["chrf"] - untuned
+    complete = {m: g for m, g in gains.items() if len(g) == len(tasks)}
+    if not complete:
+        return None
+    best = max(complete, key=lambda m: min(complete[m].values()))
+    return {"mixing": best, "runs": runs, "gains": complete}
+
+
+def _default_section(data: dict[str, Any]) -> list[str]:
+    choice = default_choice(data)
+    if choice is None:
+        return []
+    tasks = sorted(choice["runs"])
+    lines = [
+        "## The default mixing (chosen on valid across tasks)",
+        "",
+        "`pema-tenant train` needs one mixing for every task. Per task the largest teacher-forced "
+        "residual run, valid chrF gain over the untuned model; chosen: the mixing whose worst "
+        "gain is largest. Runs: " + ", ".join(f"`{r}`" for r in choice["runs"].values()) + ".",
+        "",
+        "| mixing | " + " | ".join(tasks) + " | worst |",
+        "|---|" + "---:|" * (len(tasks) + 1),
+    ]
+    for mixing, gains in sorted(choice["gains"].items(), key=lambda kv: -min(kv[1].values())):
+        mark = " (chosen)" if mixing == choice["mixing"] else ""
+        cells = " | ".join(f"{gains[t]:+.2f}" for t in tasks)
+        lines.append(f"| {mixing}{mark} | {cells} | {min(gains.values()):+.2f} |")
+    return [*lines, ""]
+
+
 def write_report(data: dict[str, Any], path: Path) -> None:
     setup = data.get("setup", {})
     lines = [
@@ -72,6 +123,7 @@ def write_report(data: dict[str, Any], path: Path) -> None:
                     f"max {value['max_abs']} (fp16 holds up to 65,504)."
                 )
         lines.append("")
+    lines += _default_section(data)
     path.write_text("\n".join(lines) + "\n")
 
 

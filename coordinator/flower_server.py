@@ -75,12 +75,11 @@ class GroupedFedAvg(FedAvg):
         self.group_arrays: dict[str, ArrayRecord] = {}
         self.rows: dict[tuple[int, int], dict[str, Any]] = {}  # (round, node) -> row
         self.train_started: dict[int, float] = {}  # round -> when its train messages went out
+        self.trained: dict[int, set[int]] = {}  # round -> nodes whose training succeeded
 
     def _messages(
-        self, server_round: int, config: ConfigRecord, grid: Grid, kind: str, minimum: int
+        self, server_round: int, config: ConfigRecord, node_ids: Iterable[int], kind: str
     ) -> list[Message]:
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, minimum)
-        node_ids = sorted(set(node_ids) | set(grid.get_node_ids()))
         config["server-round"] = server_round
         out = []
         for node in node_ids:
@@ -95,21 +94,29 @@ class GroupedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.train_started[server_round] = time.perf_counter()
-        return self._messages(server_round, config, grid, MessageType.TRAIN, self.min_train_nodes)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.min_train_nodes)
+        # Every connected tenant trains, not a sample: each round is every tenant's own training.
+        everyone = sorted(set(node_ids) | set(grid.get_node_ids()))
+        return self._messages(server_round, config, everyone, MessageType.TRAIN)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self._messages(
-            server_round, config, grid, MessageType.EVALUATE, self.min_evaluate_nodes
-        )
+        # Only the adapters trained in this round are evaluated: a tenant that joined after the
+        # train messages went out, or whose training failed, has nothing new (maybe nothing yet).
+        trained = self.trained.get(server_round, set())
+        return self._messages(server_round, config, sorted(trained), MessageType.EVALUATE)
 
     def _record(self, server_round: int, msg: Message, phase: str) -> dict[str, Any] | None:
         node = msg.metadata.src_node_id
         row = self.rows.setdefault((server_round, node), {"round": server_round, "node": node})
         if msg.has_error():
-            row["error"] = msg.error.reason
-            log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
+            # Both phases can fail in one round: the evaluate error must not hide the train one.
+            failure = f"{phase}: {msg.error.reason}"
+            row["error"] = f"{row['error']}; {failure}" if "error" in row else failure
+            log.warning(
+                "round %d: node %d failed in %s: %s", server_round, node, phase, msg.error.reason
+            )
             return None
         info = dict(msg.content.config_records.get(TENANT, ConfigRecord()))
         row["tenant"] = str(info.get("tenant-id", f"node-{node}"))
@@ -139,6 +146,7 @@ class GroupedFedAvg(FedAvg):
             row = self._record(server_round, msg, "train")
             if row is None:
                 continue
+            self.trained.setdefault(server_round, set()).add(msg.metadata.src_node_id)
             row["train-wall-seconds"] = wall
             # Every array the server ever receives is counted, whatever the tenant's settings.
             row["arrays-sent"] = sum(len(a) for a in msg.content.array_records.values())
@@ -189,7 +197,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     head = [name for name, _ in COLUMNS] + ["error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [_cell(r.get(key)) for _, key in COLUMNS] + [str(r.get("error", ""))[:60]]
+        cells = [_cell(r.get(key)) for _, key in COLUMNS] + [str(r.get("error", ""))[:200]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

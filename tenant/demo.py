@@ -214,11 +214,14 @@ class Federation:
         )  # fmt: skip
 
     def add_node(self, name: str, node_config: dict[str, Any]) -> subprocess.Popen[bytes]:
+        """A SuperNode for one tenant; returns once the SuperLink has registered it, so that a
+        run started afterwards includes it from round 1 (also when min-nodes lets it start
+        without this node)."""
         text = " ".join(
             f"{k}={v}" if isinstance(v, int | float) else f'{k}="{v}"'
             for k, v in node_config.items()
         )
-        return self.procs.start(
+        proc = self.procs.start(
             f"supernode-{name}",
             [
                 str(BIN / "flower-supernode"), "--insecure", "--superlink",
@@ -226,6 +229,16 @@ class Federation:
             ],
             self.env,
         )  # fmt: skip
+        log = self.procs.logs / f"supernode-{name}.log"
+
+        def registered() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"SuperNode {name} exited; see {log}")
+            # Flower logs its node id once the SuperLink has registered the node.
+            return "SuperNode ID:" in log.read_text(errors="replace")
+
+        wait_for(registered, f"SuperNode {name} to register with the SuperLink")
+        return proc
 
     def run(
         self,
