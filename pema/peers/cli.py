@@ -1,4 +1,4 @@
-"""`python -m pema.peers.cli train-eval`: train one peer method on TSV pairs, score it on a test set.
+"""`pema-peers train-eval` (or `python -m pema.peers.cli train-eval`): train one peer method on TSV pairs, score it on a test set.
 
 Prints one JSON object: trainable and served parameter counts, training seconds, the process's
 peak RSS right after training (before evaluation), BLEU and chrF, and the DP accountant's figures
@@ -109,7 +109,7 @@ def train_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pema.peers.cli", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pema-peers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-eval", help="train one method and print its scores as JSON")
     t.add_argument("--method", choices=METHODS, required=True)
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(json.dumps(train_eval(args), ensure_ascii=False))
     except PemaError as e:
-        print(f"pema.peers.cli: error: {e}", file=sys.stderr)
+        print(f"pema-peers: error: {e}", file=sys.stderr)
         return 2
     return 0
 
