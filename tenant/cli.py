@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pema.adapter import KEY_NORMS, SCHEDULES, VARIANTS, AdapterConfig
+from pema.argtypes import positive_int
 from pema.backbone import MemoryMode
 from pema.data import read_pairs
 from pema.errors import PemaError
@@ -41,13 +42,6 @@ BEST = {
 }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -55,7 +49,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="local Hugging Face causal-LM folder (default: SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument(
         "--coordinator",
         metavar="HOST:PORT",
@@ -100,15 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--template", default=DEFAULT_TEMPLATE, help="task prompt with a {source} placeholder"
     )
     t.add_argument(
-        "--max-pairs", type=_positive_int, default=None, help="use the first N training pairs"
+        "--max-pairs", type=positive_int, default=None, help="use the first N training pairs"
     )
-    t.add_argument("--max-valid-pairs", type=_positive_int, default=200)
+    t.add_argument("--max-valid-pairs", type=positive_int, default=200)
     t.add_argument(
         "--memory-mode", choices=[m.value for m in MemoryMode], default=BEST["memory_mode"]
     )
     t.add_argument("--variant", choices=VARIANTS, default=BEST["variant"])
     t.add_argument("--key-norm", choices=KEY_NORMS, default=BEST["key_norm"])
-    t.add_argument("--rank", type=_positive_int, default=BEST["rank"])
+    t.add_argument("--rank", type=positive_int, default=BEST["rank"])
     t.add_argument("--alpha", type=float, default=1.0)
     t.add_argument("--dropout", type=float, default=0.2)
     t.add_argument(
@@ -120,11 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lambda-max", type=float, default=BEST["lambda_max"])
     t.add_argument("--schedule", choices=SCHEDULES, default=BEST["schedule"])
     t.add_argument("--lr", type=float, default=BEST["lr"])
-    t.add_argument("--batch-size", type=_positive_int, default=BEST["batch_size"])
-    t.add_argument("--rct-batch-size", type=_positive_int, default=20480)
+    t.add_argument("--batch-size", type=positive_int, default=BEST["batch_size"])
+    t.add_argument("--rct-batch-size", type=positive_int, default=20480)
     t.add_argument("--epochs", type=int, default=BEST["epochs"])
     t.add_argument("--rct-epochs", type=int, default=5)
-    t.add_argument("--eval-every", type=_positive_int, default=100)
+    t.add_argument("--eval-every", type=positive_int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument(
         "--adapter",
@@ -132,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="pema",
         help="pema-mix: AdaMix on PEMA (M copies of A, averaged at inference)",
     )
-    t.add_argument("--mixture", type=_positive_int, default=4, help="copies M for pema-mix")
+    t.add_argument("--mixture", type=positive_int, default=4, help="copies M for pema-mix")
     t.add_argument(
         "--dp-epsilon",
         type=float,
@@ -141,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         "implies no dropout and no early stopping",
     )
     t.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="DP clipping bound C")
-    t.add_argument("--dp-batch-pairs", type=_positive_int, default=32)
+    t.add_argument("--dp-batch-pairs", type=positive_int, default=32)
     t.add_argument("--tenant", default="local", help="namespace in the memory cache")
     t.add_argument(
         "--no-cache", action="store_true", help="do not read or write the on-disk memory cache"
@@ -152,12 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", type=Path, required=True)
     e.add_argument("--test", type=Path, required=True)
     _add_model_args(e)
-    e.add_argument("--limit", type=_positive_int, default=None, help="use the first N test pairs")
+    e.add_argument("--limit", type=positive_int, default=None, help="use the first N test pairs")
     e.add_argument("--lambda-max", type=float, default=None, help="override the adapter's λ_max")
     e.add_argument(
         "--schedule", choices=SCHEDULES, default=None, help="override the adapter's schedule"
     )
-    e.add_argument("--batch-size", type=_positive_int, default=16)
+    e.add_argument("--batch-size", type=positive_int, default=16)
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.add_argument("--quiet", action="store_true")
 

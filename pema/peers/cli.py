@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pema.argtypes import positive_float, positive_int
 from pema.data import read_pairs
 from pema.errors import PemaError
 from pema.evaluation import score
@@ -117,23 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--test", type=Path, required=True)
     t.add_argument("--model", type=Path, default=None, help="default: SmolLM2-135M-Instruct")
     t.add_argument("--template", default=DEFAULT_TEMPLATE)
-    t.add_argument("--max-pairs", type=int, default=None, help="first N training pairs")
-    t.add_argument("--limit", type=int, default=None, help="first N test pairs")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--max-tokens", type=int, default=96, help="prompt + target cap per row")
-    t.add_argument("--lr", type=float, default=None, help="default depends on the method")
-    t.add_argument("--rank", type=int, default=8)
-    t.add_argument("--alpha", type=int, default=16)
+    t.add_argument("--max-pairs", type=positive_int, default=None, help="first N training pairs")
+    t.add_argument("--limit", type=positive_int, default=None, help="first N test pairs")
+    t.add_argument("--epochs", type=positive_int, default=1)
+    t.add_argument("--batch-size", type=positive_int, default=8)
+    t.add_argument(
+        "--max-tokens", type=positive_int, default=96, help="prompt + target cap per row"
+    )
+    t.add_argument("--lr", type=positive_float, default=None, help="default depends on the method")
+    t.add_argument("--rank", type=positive_int, default=8)
+    t.add_argument("--alpha", type=positive_int, default=16)
     t.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target modules")
-    t.add_argument("--mixture", type=int, default=4, help="AdaMix copies M")
+    t.add_argument("--mixture", type=positive_int, default=4, help="AdaMix copies M")
     t.add_argument("--consistency", type=float, default=1.0, help="AdaMix consistency weight")
-    t.add_argument("--k", type=int, default=1024, help="SLaSh/JR-WARP vector size")
-    t.add_argument("--dp-epsilon", type=float, default=None, help="DP-SGD target ε (δ = 1/2N)")
-    t.add_argument("--dp-max-grad-norm", type=float, default=1.0)
-    t.add_argument("--eval-batch-size", type=int, default=16)
+    t.add_argument("--k", type=positive_int, default=1024, help="SLaSh/JR-WARP vector size")
+    t.add_argument(
+        "--dp-epsilon", type=positive_float, default=None, help="DP-SGD target ε (δ = 1/2N)"
+    )
+    t.add_argument("--dp-max-grad-norm", type=positive_float, default=1.0)
+    t.add_argument("--eval-batch-size", type=positive_int, default=16)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--threads", type=positive_int, default=None)
     return parser
 
 
