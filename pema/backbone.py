@@ -190,10 +190,10 @@ class FrozenLM:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
-        return out.last_hidden_state, out.past_key_values, mask
+        return out.last_hidden_state, out.cache, mask
 
     def encode(
         self,

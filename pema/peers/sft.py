@@ -88,7 +88,7 @@ class Peer(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         position_ids: Tensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
     ) -> Tensor:
         raise NotImplementedError
 
@@ -123,14 +123,14 @@ class HFPeer(Peer):
         input_ids: Tensor,
         attention_mask: Tensor,
         position_ids: Tensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
     ) -> Tensor:
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
+            cache=cache,
+            use_cache=cache is not None,
         )
         return out.logits
 

@@ -121,7 +121,7 @@ class ShiftPeer(Peer):
         input_ids: Tensor,
         attention_mask: Tensor,
         position_ids: Tensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
     ) -> Tensor:
         rows = input_ids.shape[0]
         if position_ids is None:
@@ -133,10 +133,10 @@ class ShiftPeer(Peer):
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
-                    past_key_values=past_key_values,
-                    use_cache=past_key_values is not None,
+                    cache=cache,
+                    use_cache=cache is not None,
                 ).logits
-            return self._jrwarp_logits(input_ids, attention_mask, position_ids, past_key_values)
+            return self._jrwarp_logits(input_ids, attention_mask, position_ids, cache)
         finally:
             self._shifts = None
 
@@ -145,12 +145,12 @@ class ShiftPeer(Peer):
         input_ids: Tensor,
         attention_mask: Tensor,
         position_ids: Tensor,
-        past_key_values: DynamicCache | None,
+        cache: DynamicCache | None,
     ) -> Tensor:
         assert self._shifts is not None
         rows = input_ids.shape[0]
         # The prompt position enters once, with the first call; later cached steps only attend to it.
-        first = past_key_values is None or past_key_values.get_seq_length() == 0
+        first = cache is None or cache.get_seq_length() == 0
         embeds = self.model.get_input_embeddings()(input_ids)
         ones = torch.ones(rows, 1, dtype=attention_mask.dtype)
         mask = torch.cat([ones, attention_mask], dim=1)
@@ -165,8 +165,8 @@ class ShiftPeer(Peer):
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=past_key_values,
-                use_cache=past_key_values is not None,
+                cache=cache,
+                use_cache=cache is not None,
             ).logits
         finally:
             self._prefix_live = False

@@ -142,7 +142,7 @@ def test_adamix_routes_one_copy_and_adds_consistency(fmt: PromptFormat) -> None:
     assert 1 <= touched <= 2  # two passes, one random copy each
     peer.consistency = 0.0
     torch.manual_seed(1)
-    ce_only = float(peer.loss(batch))
+    ce_only = float(peer.loss(batch).detach())
     peer.consistency = 1.0
     torch.manual_seed(1)
     assert float(peer.loss(batch)) >= ce_only
