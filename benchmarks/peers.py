@@ -27,10 +27,10 @@ from transformers import AutoTokenizer
 
 from pema.adapter import AdapterConfig, PemaAdapter, save_adapter
 from pema.backbone import MemoryMode
-from pema.data import dataset_fingerprint, read_pairs, shared_data_dir
+from pema.data import read_pairs, shared_data_dir
 from pema.generation import Mixing, token_ratio
 from pema.head import LMHead, load_head, save_head
-from pema.memory import Memory, MemorySpec, build_memory
+from pema.memory import Memory, build_memory, memory_spec
 from pema.models import default_model_dir
 from pema.peers.cli import peak_rss_mib
 from pema.peers.sft import encode_pairs
@@ -80,16 +80,16 @@ def build_memories(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     for split, n in (("train", args.train_pairs), ("valid", args.valid_pairs)):
         pairs = read_pairs(files[split], n)
-        spec = MemorySpec(
-            backend.backbone.info.revision,
-            dataset_fingerprint(pairs),
-            TASK_TEMPLATES[dataset],
-            MemoryMode.TEACHER_FORCED.value,
+        spec = memory_spec(
+            backend.backbone.info, pairs, TASK_TEMPLATES[dataset], MemoryMode.TEACHER_FORCED
         )
         items = encode_pairs(fmt, pairs, args.max_tokens)
         build_memory(backend.backbone, items, spec).save(work / f"{split}.memory")
     save_head(backend.backbone.head().spec, work / "head.safetensors")
-    return {"memory_build_seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "memory_build_seconds": round(time.perf_counter() - start, 1),
+        "forward_dtype": backend.backbone.info.dtype,
+    }
 
 
 def train_pema(dataset: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -252,7 +252,8 @@ def write_report(doc: dict[str, Any]) -> None:
         if "memory build" in runs:
             lines.append("")
             lines.append(
-                f"PEMA memory build (with the model, bf16, train + valid): "
+                f"PEMA memory build (with the model, "
+                f"{runs['memory build'].get('forward_dtype', 'bfloat16')}, train + valid): "
                 f"{runs['memory build']['memory_build_seconds']} s."
             )
         lines.append("")

@@ -1,6 +1,6 @@
 """Prompt probe: does the untuned model do a task better with a few fixed examples in its prompt?
 
-For each task, the untuned model (greedy, bf16) generates for a valid.tsv prefix under the task's
+For each task, the untuned model (greedy, in the faster forward dtype here) generates for a valid.tsv prefix under the task's
 template and under few-shot templates whose examples are the first k training pairs (fixed, never
 valid or test). Only valid.tsv is scored: this chooses a prompt, it reports nothing on test.
 Run: `python -m benchmarks.prompts [--tasks kjv_web web_es] [--valid-pairs 40] [--shots 2 4]`;

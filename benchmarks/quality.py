@@ -1,7 +1,8 @@
 """Quality benchmark: PEMA variants against the untuned model and copy-the-source.
 
 Settings (mixing schedule and λ) are chosen on a valid.tsv prefix; test.tsv is only reported.
-Every finished cell is stored in benchmarks/results/quality.json, so an interrupted run resumes.
+Every finished cell is stored in benchmarks/results/quality-{forward dtype}.json, so an interrupted
+run resumes; benchmarks/results/quality.md reports every such file.
 Run: `make bench` or `python -m benchmarks.quality [--tasks kjv_web web_es] [--train-pairs N]`.
 """
 
@@ -20,11 +21,11 @@ import torch
 
 from pema.adapter import AdapterConfig, load_adapter
 from pema.backbone import MemoryMode
-from pema.data import Pair, dataset_fingerprint, read_pairs, shared_data_dir
+from pema.data import Pair, read_pairs, shared_data_dir
 from pema.evaluation import score, translate
 from pema.generation import Mixing, token_ratio
 from pema.head import save_head
-from pema.memory import Memory, MemorySpec, build_memory
+from pema.memory import Memory, build_memory, memory_spec
 from pema.models import cache_dir
 from pema.prompts import TASK_TEMPLATES, PromptFormat
 from pema.training import TrainConfig
@@ -104,9 +105,7 @@ class Cells:
 def memory_for(
     backend: Backend, fmt: PromptFormat, pairs: list[Pair], mode: MemoryMode
 ) -> tuple[Path, float]:
-    spec = MemorySpec(
-        backend.backbone.info.revision, dataset_fingerprint(pairs), fmt.template, mode.value
-    )
+    spec = memory_spec(backend.backbone.info, pairs, fmt.template, mode)
     path = WORK / "memories" / f"{spec.address}.safetensors"
     if path.is_file():
         return path, 0.0
@@ -275,12 +274,16 @@ def main() -> int:
     p.add_argument("--test-pairs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--free-running-tasks", nargs="*", default=["kjv_web"])
-    p.add_argument("--results", type=Path, default=RESULTS / "quality.json")
+    p.add_argument(
+        "--results", type=Path, default=None, help="default: results/quality-{forward dtype}.json"
+    )
     args = p.parse_args()
     torch.set_num_threads(2)
+    backend = local_backend()
+    # Scores and seconds depend on the forward dtype (chosen per CPU): one file of cells each.
+    args.results = args.results or RESULTS / f"quality-{backend.backbone.info.dtype}.json"
     args.results.parent.mkdir(parents=True, exist_ok=True)
     cells = Cells(args.results)
-    backend = local_backend()
     cells.data["setup"] = {
         "model": backend.backbone.info.name,
         "revision": backend.backbone.info.revision,
@@ -296,7 +299,7 @@ def main() -> int:
     cells.path.write_text(json.dumps(cells.data, indent=1, ensure_ascii=False) + "\n")
     from benchmarks.quality_report import write_report
 
-    write_report(cells.data, args.results.with_suffix(".md"))
+    write_report(args.results.parent)
     return 0
 
 

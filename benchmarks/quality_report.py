@@ -1,4 +1,5 @@
-"""Render benchmarks/results/quality.json (the cells of benchmarks/quality.py) as Markdown."""
+"""Render benchmarks/results/quality-{dtype}.json (the cells of benchmarks/quality.py, one file per
+forward dtype) as one Markdown report, benchmarks/results/quality.md."""
 
 from __future__ import annotations
 
@@ -7,29 +8,41 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.quality import DEFAULT_MIXING, mixing_tag
+
+DEFAULT = mixing_tag(DEFAULT_MIXING)  # pema-tenant train's mixing
+
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
 
-def default_choice(data: dict[str, Any], variant: str = "residual") -> dict[str, Any] | None:
-    """The one mixing a default must use for every task, chosen on valid only: per task the
-    largest teacher-forced run of `variant`, the gain of each mixing's valid chrF over the untuned
-    model's, and the mixing whose smallest gain across tasks is largest (a default must not make
-    any task worse). None until every task has a run with valid cells."""
-    tasks = sorted({k.split("/")[0] for k in data if k.endswith("/untuned/valid")})
+def default_choice(
+    files: dict[str, dict[str, Any]], variant: str = "residual"
+) -> dict[str, Any] | None:
+    """The one mixing a default must use for every task, chosen on valid only. Per task, the
+    largest teacher-forced run of `variant` in any results file (at equal size, the one that tried
+    more mixings); each mixing's valid chrF gain over the untuned model of the same file; chosen:
+    the mixing whose smallest gain across tasks is largest (a default must not make any task
+    worse). None until every task has a run with valid cells."""
+    tasks = sorted(
+        {k.split("/")[0] for d in files.values() for k in d if k.endswith("/untuned/valid")}
+    )
     gains: dict[str, dict[str, float]] = {}  # mixing -> task -> gain
     runs: dict[str, str] = {}
     for task in tasks:
-        sizes = [
-            int(k.split("/")[1][1:])
-            for k in data
-            if k.startswith(f"{task}/n") and k.endswith(f"/teacher-forced/{variant}/train")
-        ]
-        if not sizes:
+        candidates = []
+        for name, data in files.items():
+            for key in data:
+                if key.startswith(f"{task}/n") and key.endswith(f"/teacher-forced/{variant}/train"):
+                    run = key.removesuffix("/train")
+                    tried = sum(k.startswith(f"{run}/valid/") for k in data)
+                    candidates.append((int(key.split("/")[1][1:]), tried, name, run))
+        if not candidates:
             return None
-        run = f"{task}/n{max(sizes)}/teacher-forced/{variant}"
-        runs[task] = run
+        _, _, name, run = max(candidates)
+        runs[task] = f"{name}: {run}"
+        data = files[name]
         untuned = data[f"{task}/untuned/valid"]["chrf"]
         for key, cell in data.items():
             if key.startswith(f"{run}/valid/"):
@@ -41,8 +54,8 @@ def default_choice(data: dict[str, Any], variant: str = "residual") -> dict[str,
     return {"mixing": best, "runs": runs, "gains": complete}
 
 
-def _default_section(data: dict[str, Any]) -> list[str]:
-    choice = default_choice(data)
+def _default_section(files: dict[str, dict[str, Any]]) -> list[str]:
+    choice = default_choice(files)
     if choice is None:
         return []
     tasks = sorted(choice["runs"])
@@ -50,8 +63,10 @@ def _default_section(data: dict[str, Any]) -> list[str]:
         "## The default mixing (chosen on valid across tasks)",
         "",
         "`pema-tenant train` needs one mixing for every task. Per task the largest teacher-forced "
-        "residual run, valid chrF gain over the untuned model; chosen: the mixing whose worst "
-        "gain is largest. Runs: " + ", ".join(f"`{r}`" for r in choice["runs"].values()) + ".",
+        "residual run, valid chrF gain over the untuned model in the same forward dtype; chosen: "
+        "the mixing whose worst gain is largest. Runs: "
+        + ", ".join(f"`{r}`" for r in choice["runs"].values())
+        + f". `pema-tenant train` defaults to {DEFAULT}.",
         "",
         "| mixing | " + " | ".join(tasks) + " | worst |",
         "|---|" + "---:|" * (len(tasks) + 1),
@@ -63,22 +78,38 @@ def _default_section(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def write_report(data: dict[str, Any], path: Path) -> None:
-    setup = data.get("setup", {})
+def write_report(folder: Path) -> None:
+    """quality.md in `folder` from every quality-{dtype}.json there."""
+    files = {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("quality-*.json"))}
     lines = [
         "# Quality benchmark",
         "",
-        f"Model {setup.get('model')} (revision {setup.get('revision')}, forward in "
-        f"{setup.get('forward_dtype')}, {setup.get('torch_threads')} torch threads). Produced by "
-        "`python -m benchmarks.quality`; every cell is in quality.json. Mixing settings are chosen on "
-        "a valid.tsv prefix (chrF), never on test; test rows are a fixed prefix of test.tsv.",
+        "Produced by `python -m benchmarks.quality`; the cells are in quality-{forward dtype}.json "
+        "(the model runs in the faster dtype of the machine that measured: pema.dtypes). Mixing "
+        "settings are chosen on a valid.tsv prefix (chrF), never on test; test rows are a fixed "
+        "prefix of test.tsv.",
+        "",
+    ]
+    for name, data in files.items():
+        lines += _file_section(name, data)
+    lines += _default_section(files)
+    (folder / "quality.md").write_text("\n".join(lines) + "\n")
+
+
+def _file_section(name: str, data: dict[str, Any]) -> list[str]:
+    setup = data.get("setup", {})
+    lines = [
+        f"## {name}: forward in {setup.get('forward_dtype')}",
+        "",
+        f"Model {setup.get('model')} (revision {setup.get('revision')}, "
+        f"{setup.get('torch_threads')} torch threads). {setup.get('note', '')}",
         "",
     ]
     tasks = sorted({k.split("/")[0] for k in data if "/" in k})
     for task in tasks:
         cells = {k[len(task) + 1 :]: v for k, v in data.items() if k.startswith(task + "/")}
         lines += [
-            f"## {task}",
+            f"### {task} ({setup.get('forward_dtype')})",
             "",
             "| system | memory | test BLEU | test chrF | valid chrF |",
             "|---|---|---:|---:|---:|",
@@ -123,14 +154,8 @@ def write_report(data: dict[str, Any], path: Path) -> None:
                     f"max {value['max_abs']} (fp16 holds up to 65,504)."
                 )
         lines.append("")
-    lines += _default_section(data)
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
 
 if __name__ == "__main__":
-    src = (
-        Path(sys.argv[1])
-        if len(sys.argv) > 1
-        else Path(__file__).parent / "results" / "quality.json"
-    )
-    write_report(json.loads(src.read_text()), src.with_suffix(".md"))
+    write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results")

@@ -1,6 +1,6 @@
 """Serving benchmark: the coordinator's Encode throughput and Decode latency against in-process.
 
-One process hosts the real default model (bf16) behind a real gRPC server on localhost; the
+One process hosts the real default model (in the faster forward dtype here) behind a real gRPC server on localhost; the
 tenants are client threads in the same process, each with its own channel and token. The
 in-process baseline runs the *same* FrozenLM object on the same items while the server is idle.
 
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = {f"t{i}": f"bench-token-{i}" for i in range(max(TENANT_COUNTS))}
     config = CoordinatorConfig(
         tenants=tuple(Tenant(t, hash_token(tok)) for t, tok in tokens.items()),
-        dtype="bfloat16",
+        dtype="auto",
         host="127.0.0.1",
         port=0,
         metrics_port=None,

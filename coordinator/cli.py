@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 from coordinator.config import CoordinatorConfig, TlsConfig, hash_token, load_tenants
+from pema.dtypes import ENV as DTYPE_ENV
 from pema.errors import PemaError
 
 
@@ -20,7 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve the frozen model")
     s.add_argument("--model", type=Path, default=None, help="HF model folder (default: SmolLM2)")
-    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    s.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "bfloat16", "float32", "float16"],
+        help="forward dtype (default: $PEMA_DTYPE, else auto: the faster of bf16 and fp32 here)",
+    )
     s.add_argument("--host", default="[::]")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--metrics-host", default="0.0.0.0")
@@ -55,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     return CoordinatorConfig(
         tenants=load_tenants(args.tenants),
         model=args.model,
-        dtype=args.dtype,
+        dtype=args.dtype or os.environ.get(DTYPE_ENV) or "auto",
         host=args.host,
         port=args.port,
         metrics_host=args.metrics_host,

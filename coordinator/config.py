@@ -21,12 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pema.dtypes import DTYPES
 from pema.errors import PemaError
 
 TENANTS_ENV = "PEMA_COORDINATOR_TENANTS"
 # Tenant ids become Prometheus label values and log fields: keep them short and plain.
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-DTYPES = ("bfloat16", "float32", "float16")
 
 
 class ConfigError(PemaError):
@@ -113,7 +113,7 @@ class TlsConfig:
 class CoordinatorConfig:
     tenants: tuple[Tenant, ...]
     model: Path | None = None  # None: the default model
-    dtype: str = "bfloat16"  # measured ~3x faster than fp32 on this CPU (DESIGN.md)
+    dtype: str = "auto"  # the faster of bf16 and fp32 on this CPU (pema.dtypes)
     host: str = "[::]"
     port: int = 50051  # 0: pick a free port (tests)
     metrics_host: str = "0.0.0.0"
@@ -139,7 +139,7 @@ class CoordinatorConfig:
         if len(set(hashes)) != len(hashes):
             raise ConfigError("two tenants share a token")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port {self.port} out of range")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:

@@ -10,7 +10,6 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -21,6 +20,7 @@ from coordinator.metrics import Metrics
 from coordinator.service import SERVICE_NAME, CoordinatorService
 from coordinator.worker import ModelWorker
 from pema.backbone import FrozenLM
+from pema.dtypes import resolve_dtype
 from pema.models import DEFAULT_MODEL_NAME, load_causal_lm, model_revision, resolve_model_dir
 from proto.gen.pemaservice.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -37,7 +37,7 @@ def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
 
 def load_model(config: CoordinatorConfig) -> tuple[FrozenLM, PreTrainedTokenizerBase]:
     model_dir = resolve_model_dir(config.model)
-    model, tokenizer = load_causal_lm(model_dir, getattr(torch, config.dtype))
+    model, tokenizer = load_causal_lm(model_dir, resolve_dtype(config.dtype))
     name = DEFAULT_MODEL_NAME if config.model is None else model_dir.name
     lm = FrozenLM(model, name, model_revision(model_dir), config.max_batch_tokens)
     return lm, tokenizer

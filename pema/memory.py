@@ -14,7 +14,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pema.backbone import Backbone, EncodeItem, MemoryMode
+from pema.backbone import Backbone, EncodeItem, MemoryMode, ModelInfo
+from pema.data import Pair, dataset_fingerprint
 from pema.errors import DataError, MemoryFormatError
 
 FP16_MAX = 65504.0
@@ -28,11 +29,21 @@ class MemorySpec:
     dataset_fingerprint: str
     template: str
     mode: str
+    # Keys differ with the forward dtype; "" in memories from before it was recorded.
+    forward_dtype: str = ""
 
     @property
     def address(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def memory_spec(
+    info: ModelInfo, pairs: Sequence[Pair], template: str, mode: MemoryMode
+) -> MemorySpec:
+    """The spec of the memory that this model (revision and forward dtype) builds from these
+    pairs under this template and mode."""
+    return MemorySpec(info.revision, dataset_fingerprint(pairs), template, mode.value, info.dtype)
 
 
 @dataclass

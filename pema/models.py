@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from pema.dtypes import resolve_dtype
 from pema.errors import ModelError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -95,9 +96,11 @@ def model_revision(model_dir: Path) -> str:
 
 
 def load_causal_lm(
-    model_dir: Path, dtype: torch.dtype = torch.bfloat16
+    model_dir: Path, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a frozen model (eval mode, no gradients) and its tokenizer."""
+    """Load a frozen model (eval mode, no gradients) and its tokenizer; dtype None: the faster
+    forward dtype on this CPU (pema.dtypes.resolve_dtype)."""
+    dtype = dtype or resolve_dtype()
     # transformers draws a "Loading weights" bar on stderr: a library call should not.
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

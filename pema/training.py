@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pema.adapter import PemaAdapter
+from pema.dtypes import resolve_dtype
 from pema.errors import PemaError
 from pema.head import LMHead
 from pema.memory import Memory
@@ -28,7 +29,7 @@ class TrainConfig:
     eval_every: int = 100  # optimizer steps between validations (and at each epoch end)
     seed: int = 0
     ce_chunk_size: int = 256
-    head_matmul_dtype: str = "bfloat16"  # or "float32"
+    head_matmul_dtype: str = "auto"  # "bfloat16" or "float32"; auto: the faster one here
     # DP-SGD (pema.peers.private): a target ε turns it on; the privacy unit is a training pair.
     dp_epsilon: float | None = None
     dp_max_grad_norm: float = 1.0
@@ -40,9 +41,9 @@ class TrainConfig:
                 raise PemaError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.rct_epochs < 0 or self.epochs < 0:
             raise PemaError("epochs must not be negative")
-        if self.head_matmul_dtype not in ("bfloat16", "float32"):
+        if self.head_matmul_dtype not in ("auto", "bfloat16", "float32"):
             raise PemaError(
-                f"head_matmul_dtype must be bfloat16 or float32, got {self.head_matmul_dtype}"
+                f"head_matmul_dtype must be auto, bfloat16 or float32, got {self.head_matmul_dtype}"
             )
         if not self.lr > 0:
             raise PemaError(f"lr must be positive, got {self.lr}")
@@ -242,6 +243,7 @@ def train_adapter(
     head.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     kappa = adapter.config.kappa
+    matmul_dtype = resolve_dtype(cfg.head_matmul_dtype)
     reports: dict[int, PhaseReport] = {}
 
     def rct_loss(keys: Tensor, _targets: Tensor) -> Tensor:
@@ -272,7 +274,7 @@ def train_adapter(
             adapter.predict_hidden(x, z),
             targets,
             cfg.ce_chunk_size,
-            getattr(torch, cfg.head_matmul_dtype),
+            matmul_dtype,
         )
         if kappa == 0:
             return ce

@@ -18,10 +18,6 @@ from tenant.coordinator_client import (
     TlsOptions,
 )
 
-# Measured on the 2-core CPU here: bf16 forward passes run about 2x faster than fp32
-# (benchmarks/results/quality.md). The head and the adapter always compute in fp32.
-DEFAULT_DTYPE = torch.bfloat16
-
 
 @dataclass
 class Backend:
@@ -29,8 +25,9 @@ class Backend:
     tokenizer: PreTrainedTokenizerBase
 
 
-def local_backend(model: str | Path | None = None, dtype: torch.dtype = DEFAULT_DTYPE) -> Backend:
-    """Load the frozen model in this process (the default model when `model` is None)."""
+def local_backend(model: str | Path | None = None, dtype: torch.dtype | None = None) -> Backend:
+    """Load the frozen model in this process (the default model when `model` is None), in the
+    faster forward dtype on this CPU unless `dtype` says otherwise."""
     model_dir = resolve_model_dir(model)
     lm, tokenizer = load_causal_lm(model_dir, dtype)
     name = DEFAULT_MODEL_NAME if model is None else model_dir.name

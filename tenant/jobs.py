@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from pema.adapter import AdapterConfig, PemaAdapter, load_adapter, save_adapter
 from pema.backbone import MemoryMode
-from pema.data import Pair, dataset_fingerprint
+from pema.data import Pair
 from pema.evaluation import score, translate
 from pema.generation import Mixing, token_ratio
-from pema.memory import Memory, MemorySpec, build_memory
+from pema.memory import Memory, build_memory, memory_spec
 from pema.process import peak_rss_bytes
 from pema.prompts import PromptFormat
 from pema.training import Callback, TrainConfig, TrainEvent, TrainReport, train_adapter
@@ -56,12 +56,7 @@ def obtain_memory(
     quiet: bool = False,
 ) -> MemoryResult:
     """The memory for these pairs: from the cache when present, else built and cached."""
-    spec = MemorySpec(
-        model_revision=backend.backbone.info.revision,
-        dataset_fingerprint=dataset_fingerprint(pairs),
-        template=fmt.template,
-        mode=mode.value,
-    )
+    spec = memory_spec(backend.backbone.info, pairs, fmt.template, mode)
     start = time.perf_counter()
     cached = store.get(tenant, spec) if store else None
     if cached is not None:
