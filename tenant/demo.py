@@ -123,7 +123,7 @@ class Processes:
 
 
 def start_coordinator(
-    procs: Processes, model: Path | None, tokens: dict[str, str], workdir: Path
+    procs: Processes, model: Path | None, tokens: dict[str, str], workdir: Path, threads: int = 1
 ) -> tuple[str, str]:
     """`pema-coordinator serve` for these tenants; returns (gRPC address, metrics URL)."""
     tenants = [{"id": t, "token_sha256": hash_token(tok)} for t, tok in tokens.items()]
@@ -132,7 +132,7 @@ def start_coordinator(
     port, metrics = free_port(), free_port()
     args = [str(BIN / "pema-coordinator"), "serve", "--port", str(port)]
     args += ["--metrics-host", "127.0.0.1", "--metrics-port", str(metrics)]
-    args += ["--tenants", str(config), "--threads", "1"]
+    args += ["--tenants", str(config), "--threads", str(threads)]
     if model is not None:
         args += ["--model", str(model)]
     proc = procs.start("coordinator", args, dict(os.environ))
@@ -391,8 +391,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tenant.demo", description=__doc__)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=160, help="training pairs per tenant")
-    p.add_argument("--valid-pairs", type=int, default=40)
+    p.add_argument("--pairs", type=int, default=120, help="training pairs per tenant")
+    p.add_argument("--valid-pairs", type=int, default=32)
     p.add_argument("--eval-sample", type=int, default=8, help="test pairs generated per round")
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=14 * 60)
@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo in {workdir}: preparing the default model and data", flush=True)
         default_model_dir()  # converted from its GGUF once, before the processes need it
         tokens = {t.id: secrets.token_urlsafe(16) for t in TENANTS}
-        address, coord_metrics = start_coordinator(procs, None, tokens, workdir)
+        # Tenants mostly wait on the coordinator's forward passes: it gets both cores.
+        address, coord_metrics = start_coordinator(procs, None, tokens, workdir, threads=2)
         print(f"coordinator on {address} (metrics {coord_metrics})", flush=True)
         metrics = start_metrics(procs, workdir, [coord_metrics.split("/")[2]])
         cache = REDIS_URL if redis_up() else ""
