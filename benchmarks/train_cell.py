@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
+import time
 
 import torch
 
@@ -14,6 +17,19 @@ from pema.head import LMHead, load_head
 from pema.memory import Memory
 from pema.process import peak_rss_bytes
 from pema.training import TrainConfig, train_adapter
+
+
+def exit_with_parent() -> None:
+    """Stop when the benchmark that started this cell is gone: a killed run must not leave a
+    training process holding a core (one did, for an hour, skewing every later figure)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def main() -> int:
@@ -25,6 +41,7 @@ def main() -> int:
     p.add_argument("--train-config", required=True, help="JSON of TrainConfig fields")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    exit_with_parent()
     torch.set_num_threads(2)
     rss_before = peak_rss_bytes()
     head = LMHead(load_head(args.head))
