@@ -10,29 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from pema.dtypes import fastest_matmul_dtype
 from pema.models import default_model_dir, load_causal_lm
+from pema.process import median_time
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = (torch.float32, torch.bfloat16)
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
 
 
 def cpu_flags() -> list[str]:
@@ -55,8 +43,10 @@ def measure(
     model, _ = load_causal_lm(default_model_dir(), dtype)
     weight = model.get_output_embeddings().weight.detach().to(dtype)
     with torch.no_grad():
-        forward = median_seconds(lambda: model.model(input_ids=ids), repeats)
-        head = median_seconds(lambda: keys.to(dtype) @ weight.T, repeats)
+        model.model(input_ids=ids)  # warm-up
+        forward, _ = median_time(lambda: model.model(input_ids=ids), repeats)
+        keys.to(dtype) @ weight.T
+        head, _ = median_time(lambda: keys.to(dtype) @ weight.T, repeats)
     return {
         "forward_seconds": round(forward, 3),
         "forward_tokens_per_second": round(ids.numel() / forward, 1),

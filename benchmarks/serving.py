@@ -19,10 +19,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,21 +33,13 @@ from pema.adapter import AdapterConfig, PemaAdapter
 from pema.backbone import EncodeItem, MemoryMode
 from pema.data import read_pairs, shared_data_dir
 from pema.generation import Mixing, generate
+from pema.process import median_time
 from pema.prompts import DEFAULT_TEMPLATE, PromptFormat
 from tenant.coordinator_client import ClientConfig, CoordinatorBackbone, CoordinatorClient
 
 DATA = shared_data_dir() / "kjv_web" / "train.tsv"
 RESULTS = Path(__file__).resolve().parent / "results"
 TENANT_COUNTS = (1, 4, 8)
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
 
 
 def encode_concurrently(backbones: Sequence[CoordinatorBackbone], items: list[EncodeItem]) -> None:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
-import statistics
-import time
 
 import torch
 
 from pema.errors import PemaError
+from pema.process import median_time
 
 DTYPES = {
     "auto": None,
@@ -34,13 +33,8 @@ def fastest_matmul_dtype() -> torch.dtype:
     seconds: dict[torch.dtype, float] = {}
     for dtype in (torch.float32, torch.bfloat16):
         x, y = a.to(dtype), b.to(dtype)
-        x @ y
-        runs = []
-        for _ in range(3):
-            start = time.perf_counter()
-            x @ y
-            runs.append(time.perf_counter() - start)
-        seconds[dtype] = statistics.median(runs)
+        x @ y  # warm-up
+        seconds[dtype], _ = median_time(functools.partial(torch.matmul, x, y), 3)
     return min(seconds, key=seconds.__getitem__)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import resource
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -16,3 +19,13 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
+    """Wall seconds of `repeats` calls of fn: their median and every run."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
