@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -13,7 +12,6 @@ from pathlib import Path
 from types import FrameType
 
 from coordinator.config import CoordinatorConfig, TlsConfig, hash_token, load_tenants
-from pema.dtypes import ENV as DTYPE_ENV
 from pema.errors import PemaError
 
 
@@ -62,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     return CoordinatorConfig(
         tenants=load_tenants(args.tenants),
         model=args.model,
-        dtype=args.dtype or os.environ.get(DTYPE_ENV) or "auto",
+        dtype=args.dtype,
         host=args.host,
         port=args.port,
         metrics_host=args.metrics_host,

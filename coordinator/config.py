@@ -113,7 +113,7 @@ class TlsConfig:
 class CoordinatorConfig:
     tenants: tuple[Tenant, ...]
     model: Path | None = None  # None: the default model
-    dtype: str = "auto"  # the faster of bf16 and fp32 on this CPU (pema.dtypes)
+    dtype: str | None = None  # None: $PEMA_DTYPE, else auto (pema.dtypes.resolve_dtype)
     host: str = "[::]"
     port: int = 50051  # 0: pick a free port (tests)
     metrics_host: str = "0.0.0.0"
@@ -138,7 +138,7 @@ class CoordinatorConfig:
         hashes = [t.token_sha256 for t in self.tenants]
         if len(set(hashes)) != len(hashes):
             raise ConfigError("two tenants share a token")
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port {self.port} out of range")
