@@ -1,15 +1,27 @@
-"""Generating for a test set and scoring it with sacreBLEU (BLEU and chrF, corpus level)."""
+"""Generating for a test set and scoring it with sacreBLEU (BLEU and chrF, corpus level).
+
+Every method (PEMA, its peers, the untuned model) generates through `translate_with`: the same row
+order, batches, prompts, output cap and stop rule; a method only supplies the decoder that turns a
+batch of prompts into greedy token ids.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import sacrebleu
 
 from pema.adapter import PemaAdapter
 from pema.backbone import Backbone
 from pema.generation import Mixing, expected_length, generate
 from pema.prompts import PromptFormat
+
+# (prompts, expected lengths L, output caps, stop ids) -> generated ids per prompt
+Decoder = Callable[[list[list[int]], list[int], list[int], frozenset[int]], list[list[int]]]
 
 
 def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -25,6 +37,67 @@ def max_new_tokens(expected: int) -> int:
     return expected + expected // 2 + 10
 
 
+@dataclass
+class GenerationTrace:
+    """What the decoder was asked, batch by batch: the evidence that two methods were generated
+    under the same conditions (same prompts in the same batches, same caps, same stop rule)."""
+
+    batches: list[dict[str, list[int]]] = field(default_factory=list)
+    stop_ids: list[int] = field(default_factory=list)
+
+    def digest(self) -> str:
+        blob = json.dumps({"batches": self.batches, "stop": self.stop_ids}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def translate_with(
+    decoder: Decoder,
+    fmt: PromptFormat,
+    sources: Sequence[str],
+    rho: float = 1.0,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+    trace: GenerationTrace | None = None,
+) -> list[str]:
+    """Greedy outputs for each source: L = ceil(ρ · source tokens), cap max_new_tokens(L), stop at
+    the format's stop ids, whatever the decoder."""
+    outputs: list[str] = [""] * len(sources)
+    # Similar lengths batch together, so few rows idle while the longest finishes.
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    stop_ids = fmt.stop_ids
+    if trace is not None:
+        trace.stop_ids = sorted(stop_ids)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        prompts = [fmt.prompt_ids(sources[i]) for i in idx]
+        lengths = [expected_length(len(fmt.text_ids(sources[i])), rho) for i in idx]
+        caps = [max_new_tokens(n) for n in lengths]
+        if trace is not None:
+            trace.batches.append(
+                {"rows": idx, "caps": caps, "prompt_tokens": [t for x in prompts for t in x]}
+            )
+        ids = decoder(prompts, lengths, caps, stop_ids)
+        for i, row in zip(idx, ids, strict=True):
+            outputs[i] = fmt.decode(row)
+        if progress:
+            progress(len(idx))
+    return outputs
+
+
+def pema_decoder(
+    backbone: Backbone, adapter: PemaAdapter | None = None, mixing: Mixing | None = None
+) -> Decoder:
+    """The frozen model through its DecodeSession, with the adapter mixed in when one is given."""
+    head = backbone.head()
+
+    def decode(
+        prompts: list[list[int]], lengths: list[int], caps: list[int], stop_ids: frozenset[int]
+    ) -> list[list[int]]:
+        return generate(backbone.session(), head, prompts, stop_ids, caps, adapter, mixing, lengths)
+
+    return decode
+
+
 def translate(
     backbone: Backbone,
     fmt: PromptFormat,
@@ -34,27 +107,42 @@ def translate(
     rho: float = 1.0,
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
+    trace: GenerationTrace | None = None,
 ) -> list[str]:
     """Greedy outputs for each source, with the adapter mixed in when one is given."""
-    head = backbone.head()
-    outputs: list[str] = [""] * len(sources)
-    # Similar lengths batch together, so few rows idle while the longest finishes.
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        lengths = [expected_length(len(fmt.text_ids(sources[i])), rho) for i in idx]
-        ids = generate(
-            backbone.session(),
-            head,
-            [fmt.prompt_ids(sources[i]) for i in idx],
-            fmt.stop_ids,
-            max_new_tokens=[max_new_tokens(n) for n in lengths],
-            adapter=adapter,
-            mixing=mixing,
-            lengths=lengths,
+    return translate_with(
+        pema_decoder(backbone, adapter, mixing), fmt, sources, rho, batch_size, progress, trace
+    )
+
+
+def paired_bootstrap(
+    system: Sequence[str],
+    baseline: Sequence[str],
+    references: Sequence[str],
+    metric: str = "chrf",
+    samples: int = 1000,
+    seed: int = 12345,
+) -> dict[str, float | bool]:
+    """95% interval of corpus-score(system) − corpus-score(baseline) over paired resamples of the
+    rows (sacreBLEU's sufficient statistics, as its own paired bootstrap test uses)."""
+    if not len(system) == len(baseline) == len(references) > 0:
+        raise ValueError(
+            "paired bootstrap needs equally many, non-zero system/baseline/reference rows"
         )
-        for i, row in zip(idx, ids, strict=True):
-            outputs[i] = fmt.decode(row)
-        if progress:
-            progress(len(idx))
-    return outputs
+    scorer = sacrebleu.CHRF() if metric == "chrf" else sacrebleu.BLEU()
+    refs = [list(references)]
+    stats_s = np.array(scorer._extract_corpus_statistics(list(system), refs), dtype="float64")
+    stats_b = np.array(scorer._extract_corpus_statistics(list(baseline), refs), dtype="float64")
+    idx = np.random.default_rng(seed).integers(0, len(system), size=(samples, len(system)))
+
+    def corpus(stats: np.ndarray) -> float:
+        return float(scorer._compute_score_from_stats(list(stats)).score)
+
+    deltas = np.array([corpus(stats_s[i].sum(0)) - corpus(stats_b[i].sum(0)) for i in idx])
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return {
+        "delta": round(corpus(stats_s.sum(0)) - corpus(stats_b.sum(0)), 2),
+        "low": round(float(low), 2),
+        "high": round(float(high), 2),
+        "significant": bool(low > 0 or high < 0),
+    }

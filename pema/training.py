@@ -104,8 +104,9 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
         yield perm[i : i + batch_size]
 
 
-class _EarlyStop:
-    """The reference rule: stop when a validation loss exceeds both previous ones."""
+class EarlyStop:
+    """The reference rule: stop when a validation loss exceeds both previous ones. PEMA and every
+    peer method stop by this one rule, so their training budgets match."""
 
     def __init__(self) -> None:
         self.history: list[float] = []
@@ -168,7 +169,7 @@ def _run_phase(
         return report
     opt = torch.optim.Adam(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed + phase)
-    stopper = _EarlyStop()
+    stopper = EarlyStop()
     best_state = copy.deepcopy(adapter.state_dict())
     steps_per_epoch = math.ceil(len(memory) / batch_size)
     start = time.perf_counter()

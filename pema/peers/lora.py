@@ -24,10 +24,23 @@ def lora_peer(
     alpha: int = 16,
     targets: Sequence[str] = DEFAULT_TARGETS,
     dropout: float = 0.0,
+    top_layers: int | None = None,
 ) -> HFPeer:
-    """Plain LoRA via peft: only the low-rank factors train."""
+    """Plain LoRA via peft: only the low-rank factors train; with `top_layers` only in that many
+    of the last transformer blocks (what an owner reveals if it offers a top-block recipe)."""
+    layers = None
+    if top_layers is not None:
+        n = int(model.config.num_hidden_layers)
+        if not 1 <= top_layers <= n:
+            raise PemaError(f"top_layers must be in [1, {n}], got {top_layers}")
+        layers = list(range(n - top_layers, n))
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, bias="none"
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=dropout,
+        bias="none",
+        layers_to_transform=layers,
     )
     return HFPeer(get_peft_model(model, config), model.config)
 

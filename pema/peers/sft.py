@@ -19,9 +19,10 @@ from transformers import DynamicCache, PretrainedConfig
 from pema.backbone import EncodeItem, left_pad, positions_from_mask
 from pema.data import Pair
 from pema.errors import PemaError
-from pema.evaluation import score
-from pema.generation import expected_length, greedy_decode
+from pema.evaluation import Decoder, GenerationTrace, score, translate_with
+from pema.generation import greedy_decode
 from pema.prompts import PromptFormat
+from pema.training import EarlyStop
 
 IGNORE = -100
 
@@ -156,9 +157,28 @@ class SFTReport:
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     privacy: dict[str, Any] | None = None
+    epochs_run: int = 0
+    best_epoch: int = 0  # the epoch whose weights were kept (0: no validation)
+    valid_history: list[float] = field(default_factory=list)
 
     def seconds_per_epoch(self, epochs: int) -> float:
         return self.seconds / max(1, epochs)
+
+
+@torch.no_grad()
+def valid_loss(peer: Peer, items: Sequence[EncodeItem], pad_id: int, batch_size: int = 16) -> float:
+    """Mean target-token CE over validation pairs (teacher-forced): what PEMA's early stopping
+    reads off its validation memory, here for a peer."""
+    was_training = peer.training
+    peer.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(items), batch_size):
+        batch = collate(items[i : i + batch_size], pad_id)
+        n = int((batch.labels[:, 1:] != IGNORE).sum())
+        total += float(peer.loss(batch)) * n
+        count += n
+    peer.train(was_training)
+    return total / max(count, 1)
 
 
 def train_sft(
@@ -167,17 +187,23 @@ def train_sft(
     cfg: SFTConfig,
     pad_id: int,
     on_step: Callable[[int, float], None] | None = None,
+    valid_items: Sequence[EncodeItem] | None = None,
 ) -> SFTReport:
-    """AdamW on the peer's trainable parameters, shuffled mini-batches, `peer.loss` per batch."""
+    """AdamW on the peer's trainable parameters, shuffled mini-batches, `peer.loss` per batch.
+    With `valid_items`, validates after every epoch, keeps the best epoch's weights and stops by
+    PEMA's rule (pema.training.EarlyStop)."""
     if not items:
         raise PemaError("no training pairs")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(peer.trainable(), lr=cfg.lr, weight_decay=0.0)
+    params = peer.trainable()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     report = SFTReport()
+    stopper = EarlyStop()
+    best = (float("inf"), [p.detach().clone() for p in params])
     peer.train()
     start = time.perf_counter()
-    for _ in range(cfg.epochs):
+    for epoch in range(1, cfg.epochs + 1):
         perm = torch.randperm(len(items), generator=gen).tolist()
         for i in range(0, len(perm), cfg.batch_size):
             batch = collate([items[j] for j in perm[i : i + cfg.batch_size]], pad_id)
@@ -189,6 +215,19 @@ def train_sft(
             report.losses.append(float(loss.detach()))
             if on_step:
                 on_step(report.steps, report.losses[-1])
+        report.epochs_run = epoch
+        if valid_items:
+            loss_v = valid_loss(peer, valid_items, pad_id)
+            report.valid_history.append(round(loss_v, 4))
+            if loss_v < best[0]:
+                best = (loss_v, [p.detach().clone() for p in params])
+                report.best_epoch = epoch
+            if stopper.should_stop(loss_v):
+                break
+    if valid_items:
+        with torch.no_grad():
+            for p, kept in zip(params, best[1], strict=True):
+                p.copy_(kept)
     report.seconds = time.perf_counter() - start
     peer.eval()
     return report
@@ -220,28 +259,36 @@ def greedy_generate(
     return greedy_decode(first, step, stop_ids, max_new_tokens)
 
 
+def peer_decoder(peer: Peer, pad_id: int) -> Decoder:
+    """A peer's own greedy decoding, in the shape pema.evaluation.translate_with expects."""
+
+    def decode(
+        prompts: list[list[int]], _lengths: list[int], caps: list[int], stop_ids: frozenset[int]
+    ) -> list[list[int]]:
+        return greedy_generate(peer, prompts, stop_ids, caps, pad_id)
+
+    return decode
+
+
+def pad_id_of(fmt: PromptFormat) -> int:
+    pad_id = fmt.tokenizer.pad_token_id
+    return int(pad_id) if pad_id is not None else fmt.eos_id
+
+
 def translate_peer(
     peer: Peer,
     fmt: PromptFormat,
     sources: Sequence[str],
     rho: float,
     batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+    trace: GenerationTrace | None = None,
 ) -> list[str]:
-    """Greedy outputs, capped like pema.evaluation.translate (2·L + 10 tokens, L from ρ)."""
+    """Greedy outputs through pema.evaluation.translate_with: PEMA's prompts, cap and stop rule."""
     peer.eval()
-    outputs = [""] * len(sources)
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    pad_id = fmt.tokenizer.pad_token_id
-    pad = int(pad_id) if pad_id is not None else fmt.eos_id
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        caps = [2 * expected_length(len(fmt.text_ids(sources[i])), rho) + 10 for i in idx]
-        ids = greedy_generate(
-            peer, [fmt.prompt_ids(sources[i]) for i in idx], fmt.stop_ids, caps, pad
-        )
-        for i, row in zip(idx, ids, strict=True):
-            outputs[i] = fmt.decode(row)
-    return outputs
+    return translate_with(
+        peer_decoder(peer, pad_id_of(fmt)), fmt, sources, rho, batch_size, progress, trace
+    )
 
 
 def evaluate_peer(

@@ -14,7 +14,7 @@ from pema.adapter import AdapterConfig, PemaAdapter
 from pema.backbone import EncodeItem, FrozenLM, MemoryMode
 from pema.errors import PemaError
 from pema.memory import Memory, MemorySpec, build_memory
-from pema.training import TrainConfig, TrainEvent, _EarlyStop, evaluate_memory, train_adapter
+from pema.training import TrainConfig, TrainEvent, EarlyStop, evaluate_memory, train_adapter
 
 VOCAB = 2048
 
@@ -148,7 +148,7 @@ def test_faithful_with_zero_b_pd_is_uniform(toy: tuple[FrozenLM, Memory, Memory]
     ],
 )
 def test_early_stop_rule(losses: list[float], stop_at: int | None) -> None:
-    stopper = _EarlyStop()
+    stopper = EarlyStop()
     decisions = [stopper.should_stop(x) for x in losses]
     expected = [stop_at is not None and i + 1 == stop_at for i in range(len(losses))]
     assert decisions == expected

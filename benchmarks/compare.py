@@ -1,0 +1,623 @@
+"""One matched comparison of every method: PEMA recipes, its full-access peers, the untuned model
+and copy-the-source, under one protocol.
+
+    .venv/bin/python -m benchmarks.compare [--tasks kjv_web web_es] [--methods ...] [--seeds 0 1]
+
+Every method trains on the same first N training pairs (rows cut to the same token cap), for at
+most the same number of epochs, validating after each epoch on the same held-apart valid.tsv
+suffix and keeping its best epoch under one early-stopping rule (pema.training.EarlyStop). Each
+method's free choices (PEMA's mixing λ) are made on the same valid.tsv prefix, never on test.
+Everything generates in fp32 through pema.evaluation.translate_with: the same test rows, prompts,
+batches, output cap and stop rule; each cell records the digest of what its decoder was asked,
+and the report refuses to put a row whose digest differs into the table.
+
+Each (task, method, seed) runs in its own process, so its peak RSS is its own; finished cells are
+kept in results/compare.json (an interrupted run resumes), and compare.md / compare-<task>.png
+are rendered from whatever is there, naming the cells still missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPE = "float32"  # every method generates and trains in this dtype
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str  # what the table shows: what ran
+    kind: str  # copy | untuned | pema | peer
+    adapter: dict[str, Any] = field(default_factory=dict)  # PEMA: AdapterConfig changes
+    train: dict[str, Any] = field(default_factory=dict)  # PEMA: TrainConfig changes
+    mixings: tuple[str, ...] = ()  # PEMA: candidates, chosen on the valid prefix
+    memory_mode: str = "teacher-forced"
+    peer: dict[str, Any] = field(default_factory=dict)  # peers: method and its settings
+    seeded: bool = True
+
+
+# The paper's PEMA (Kim et al. 2024): two phases, κ 0.2, rank 512, raw keys, GU λ_max 0.9.
+PAPER = dict(variant="faithful", rank=512, key_norm="raw", kappa=0.2, dropout=0.2)
+PAPER_TRAIN = dict(rct_batch_size=20480, batch_size=2048)
+METHODS: dict[str, Method] = {
+    "copy": Method("copy the source", "copy", seeded=False),
+    "untuned": Method("untuned model", "untuned", seeded=False),
+    "pema": Method("PEMA, shipped default (pema-tenant train)", "pema"),
+    "pema-paper": Method(
+        "PEMA, paper recipe (faithful, κ 0.2, r 512, raw keys, GU 0.9)",
+        "pema",
+        PAPER,
+        PAPER_TRAIN,
+        ("gu-0.9",),
+    ),
+    "pema-paper-rms": Method(
+        "PEMA, paper recipe on RMS-normalized keys",
+        "pema",
+        {**PAPER, "key_norm": "rms"},
+        PAPER_TRAIN,
+        ("gu-0.9",),
+    ),
+    "pema-fr": Method(
+        "PEMA, shipped default, free-running memory (labels stay with the tenant)",
+        "pema",
+        memory_mode="free-running",
+    ),
+    "pema-mix": Method(
+        "PEMA-mix (AdaMix on PEMA, M 4, consistency 100)",
+        "pema",
+        dict(mixture=4, mixture_consistency=100.0),
+    ),
+    "pema-dp8": Method("DP-PEMA ε 8", "pema", dict(dropout=0.0), dict(dp_epsilon=8.0)),
+    "pema-dp3": Method("DP-PEMA ε 3", "pema", dict(dropout=0.0), dict(dp_epsilon=3.0)),
+    "lora": Method("LoRA (r 8, α 16, q/v, all blocks)", "peer", peer=dict(method="lora")),
+    "lora-top1": Method(
+        "LoRA in the top block only (not offsite)", "peer", peer=dict(method="lora", top_layers=1)
+    ),
+    "lora-top2": Method(
+        "LoRA in the top 2 blocks (not offsite)", "peer", peer=dict(method="lora", top_layers=2)
+    ),
+    "full": Method("full fine-tuning", "peer", peer=dict(method="full")),
+    "adamix": Method(
+        "AdaMix (LoRA M 4, consistency 100)", "peer", peer=dict(method="adamix", consistency=100.0)
+    ),
+    "slash": Method("SLaSh (k 1024)", "peer", peer=dict(method="slash")),
+    "jrwarp": Method("JR-WARP (k 1024)", "peer", peer=dict(method="jrwarp")),
+    "jrwarp-dp8": Method("DP-JR-WARP ε 8", "peer", peer=dict(method="jrwarp", dp_epsilon=8.0)),
+    "jrwarp-dp3": Method("DP-JR-WARP ε 3", "peer", peer=dict(method="jrwarp", dp_epsilon=3.0)),
+}
+# The order cells run in: the core comparison first, so a cut-short run still has it.
+CORE = ["copy", "untuned", "pema", "lora"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The conditions every method of one task shares."""
+
+    task: str
+    train_pairs: int = 1000
+    select_pairs: int = 60  # valid.tsv prefix: choices (λ) are made here
+    stop_pairs: int = 100  # valid.tsv suffix: early stopping reads its loss here
+    test_pairs: int = 200
+    max_epochs: int = 2
+    max_tokens: int = 160  # prompt + target per training row
+    batch_size: int = 16  # generation
+    dtype: str = DTYPE
+    model: str = ""  # a local Hugging Face folder; "": the default model
+    data: str = ""  # a folder with train/valid/test.tsv; "": ../shared/data/<task>
+
+
+def _files(p: Protocol) -> dict[str, Path]:
+    from pema.data import shared_data_dir
+
+    folder = Path(p.data) if p.data else shared_data_dir() / p.task
+    return {s: folder / f"{s}.tsv" for s in ("train", "valid", "test")}
+
+
+@dataclass
+class Rows:
+    train: list[Any]
+    select: list[Any]
+    stop: list[Any]
+    test: list[Any]
+
+
+def rows(p: Protocol) -> Rows:
+    from pema.data import read_pairs
+
+    files = _files(p)
+    valid = read_pairs(files["valid"])
+    if len(valid) < p.select_pairs + p.stop_pairs:
+        raise SystemExit(f"valid.tsv has {len(valid)} rows: the prefix and suffix would overlap")
+    return Rows(
+        read_pairs(files["train"], p.train_pairs),
+        valid[: p.select_pairs],
+        valid[-p.stop_pairs :],
+        read_pairs(files["test"], p.test_pairs),
+    )
+
+
+def _setup_torch() -> None:
+    import torch
+
+    torch.set_num_threads(2)
+    os.environ["PEMA_DTYPE"] = DTYPE
+
+
+def _model_dir(p: Protocol) -> Path:
+    from pema.models import resolve_model_dir
+
+    return resolve_model_dir(p.model or None)
+
+
+def _load_model(p: Protocol) -> tuple[Any, Any]:
+    import torch
+
+    from pema.models import load_causal_lm
+
+    return load_causal_lm(_model_dir(p), getattr(torch, DTYPE))
+
+
+def _frozen(p: Protocol) -> tuple[Any, Any]:
+    """The frozen model as PEMA sees it (final norm lifted into the head), and its tokenizer."""
+    from pema.backbone import FrozenLM
+    from pema.models import DEFAULT_MODEL_NAME, model_revision
+
+    model, tokenizer = _load_model(p)
+    name = Path(p.model).name if p.model else DEFAULT_MODEL_NAME
+    return FrozenLM(model, name, model_revision(_model_dir(p))), tokenizer
+
+
+def _generate(decoder: Any, fmt: Any, pairs: list[Any], rho: float, p: Protocol) -> dict[str, Any]:
+    from pema.evaluation import GenerationTrace, score, translate_with
+
+    trace = GenerationTrace()
+    start = time.perf_counter()
+    hyps = translate_with(decoder, fmt, [x.source for x in pairs], rho, p.batch_size, trace=trace)
+    return {
+        **score(hyps, [x.target for x in pairs]),
+        "outputs": hyps,
+        "trace": trace.digest(),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _rho(fmt: Any, pairs: list[Any]) -> float:
+    from pema.generation import token_ratio
+
+    return token_ratio(
+        [len(fmt.text_ids(x.source)) for x in pairs], [len(fmt.target_ids(x.target)) for x in pairs]
+    )
+
+
+def _memory_path(p: Protocol, split: str, mode: str) -> Path:
+    from pema.models import cache_dir
+
+    model = Path(p.model).name if p.model else "default"
+    name = f"{p.task}-{model}-n{p.train_pairs}-s{p.stop_pairs}-t{p.max_tokens}-{split}-{mode}"
+    return cache_dir() / "compare" / name
+
+
+def build_memory_cell(p: Protocol, mode: str) -> dict[str, Any]:
+    """With the model: the memories of the training rows (in `mode`) and of the stop rows
+    (teacher-forced, for early stopping), from the same cut rows the peers train on."""
+    from pema.backbone import MemoryMode
+    from pema.head import save_head
+    from pema.memory import build_memory, memory_spec
+    from pema.peers.sft import encode_pairs
+    from pema.prompts import TASK_TEMPLATES, PromptFormat
+
+    r = rows(p)
+    lm, tokenizer = _frozen(p)
+    fmt = PromptFormat(tokenizer, TASK_TEMPLATES[p.task])
+    out: dict[str, Any] = {}
+    for split, pairs, m in (("train", r.train, mode), ("stop", r.stop, "teacher-forced")):
+        path = _memory_path(p, split, m)
+        if path.is_file():
+            continue
+        start = time.perf_counter()
+        spec = memory_spec(lm.info, pairs, fmt.template, MemoryMode(m))
+        memory = build_memory(lm, encode_pairs(fmt, pairs, p.max_tokens), spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        memory.save(path)
+        out[f"{split}_build_seconds"] = round(time.perf_counter() - start, 1)
+        out[f"{split}_keys"] = len(memory)
+    save_head(lm.head().spec, _memory_path(p, "head", "all"))
+    return out
+
+
+def ensure_memory(p: Protocol, mode: str) -> dict[str, Any]:
+    """Build the memories in a process of their own (the model must not count in the training
+    cell's peak RSS); nothing to do when they are on disk."""
+    paths = [_memory_path(p, "train", mode), _memory_path(p, "stop", "teacher-forced")]
+    if all(x.is_file() for x in paths) and _memory_path(p, "head", "all").is_file():
+        return {}
+    cmd = [sys.executable, "-m", "benchmarks.compare", "--cell", f"memory-{mode}:0",
+           "--tasks", p.task, *protocol_flags(p)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory build failed:\n{proc.stderr[-2000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
+    """Train from the saved memories holding only what a tenant holds (head, adapter, memory),
+    read the peak RSS, then load the model to choose λ on the valid prefix and score test."""
+    import torch
+
+    from benchmarks.quality import parse_mixing
+    from pema.adapter import AdapterConfig, PemaAdapter
+    from pema.evaluation import pema_decoder
+    from pema.head import LMHead, load_head
+    from pema.memory import Memory
+    from pema.process import peak_rss_bytes
+    from pema.prompts import TASK_TEMPLATES, PromptFormat
+    from pema.training import TrainConfig, train_adapter
+    from tenant.cli import BEST
+
+    r = rows(p)
+    head = LMHead(load_head(_memory_path(p, "head", "all")))
+    train_mem = Memory.load(_memory_path(p, "train", method.memory_mode))
+    stop_mem = Memory.load(_memory_path(p, "stop", "teacher-forced"))
+    from transformers import AutoTokenizer
+
+    fmt = PromptFormat(AutoTokenizer.from_pretrained(_model_dir(p)), TASK_TEMPLATES[p.task])
+    rho = _rho(fmt, r.train)
+    base = {
+        k: BEST[k]
+        for k in ("variant", "rank", "key_norm", "kappa", "alpha", "dropout")
+        if k in BEST
+    }
+    config = AdapterConfig(
+        hidden_size=head.hidden_size,
+        rho=rho,
+        template=fmt.template,
+        memory_mode=method.memory_mode,
+        lambda_max=BEST["lambda_max"],
+        schedule=BEST["schedule"],
+        **{**base, **method.adapter},
+    )
+    cfg = TrainConfig(
+        **{
+            "lr": BEST["lr"],
+            "batch_size": BEST["batch_size"],
+            "epochs": p.max_epochs,
+            "rct_epochs": p.max_epochs,
+            "eval_every": 10**9,  # validate at epoch ends only, as the peers do
+            "seed": seed,
+            "head_matmul_dtype": DTYPE,
+            **method.train,
+        }
+    )
+    torch.manual_seed(seed)
+    adapter = PemaAdapter(config)
+    report = train_adapter(adapter, head, train_mem, stop_mem, cfg)
+    peak = peak_rss_bytes()
+    trainable = sum(
+        x.numel() for x in adapter.parameters() if x.requires_grad and x is not adapter.B_rct
+    )
+    del train_mem, stop_mem
+    lm, _ = _frozen(p)
+    mixings = method.mixings or (f"{BEST['schedule']}-{BEST['lambda_max']}",)
+    select = {
+        m: _generate(pema_decoder(lm, adapter, parse_mixing(m)), fmt, r.select, rho, p)
+        for m in mixings
+    }
+    chosen = max(mixings, key=lambda m: select[m]["chrf"])
+    test = _generate(pema_decoder(lm, adapter, parse_mixing(chosen)), fmt, r.test, rho, p)
+    phases = report.phases.values()
+    last = report.phases[max(report.phases)]
+    return {
+        "epochs_run": sum(x.epochs_run for x in phases),
+        "best_epoch": min(last.history, key=lambda h: h["loss"])["epoch"] if last.history else 0,
+        "steps": sum(x.steps for x in phases),
+        "train_seconds": round(report.seconds, 1),
+        "peak_rss_mib": round(peak / 2**20, 1),
+        "trainable_params": trainable,
+        "served_params": sum(t.numel() for t in adapter.inference_state().values()),
+        "privacy": report.privacy,
+        "valid_memory": {k: round(v, 4) for k, v in report.valid.items()},
+        "select": {m: {k: v for k, v in s.items() if k != "outputs"} for m, s in select.items()},
+        "chosen": chosen,
+        "config": {"adapter": asdict(config), "train": asdict(cfg)},
+        "test": test,
+    }
+
+
+def peer_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
+    """Load the model in fp32, train the peer with early stopping on the stop rows, score."""
+    import torch
+
+    from pema.peers.cli import DEFAULT_LR
+    from pema.peers.lora import DEFAULT_TARGETS, AdaMixPeer, full_peer, lora_peer
+    from pema.peers.private import train_peer_private
+    from pema.peers.sft import SFTConfig, encode_pairs, pad_id_of, peer_decoder, train_sft
+    from pema.peers.shift import ShiftPeer
+    from pema.process import peak_rss_bytes
+    from pema.prompts import TASK_TEMPLATES, PromptFormat
+
+    r = rows(p)
+    torch.manual_seed(seed)
+    model, tokenizer = _load_model(p)
+    fmt = PromptFormat(tokenizer, TASK_TEMPLATES[p.task])
+    rho = _rho(fmt, r.train)
+    settings = dict(method.peer)
+    name = settings.pop("method")
+    dp_epsilon = settings.pop("dp_epsilon", None)
+    peer: Any
+    if name == "lora":
+        peer = lora_peer(model, 8, 16, DEFAULT_TARGETS, top_layers=settings.get("top_layers"))
+    elif name == "full":
+        peer = full_peer(model)
+    elif name == "adamix":
+        peer = AdaMixPeer(model, 8, 16, DEFAULT_TARGETS, 4, settings["consistency"])
+    else:
+        peer = ShiftPeer(model, name, 1024, seed)
+    cfg = SFTConfig(lr=DEFAULT_LR[name], batch_size=8, epochs=p.max_epochs, seed=seed)
+    pad = pad_id_of(fmt)
+    items = encode_pairs(fmt, r.train, p.max_tokens)
+    if dp_epsilon is not None:
+        # DP accounting is for a fixed number of steps: no early stopping (stated in the report).
+        report = train_peer_private(peer, items, cfg, pad, dp_epsilon)
+    else:
+        report = train_sft(
+            peer, items, cfg, pad, valid_items=encode_pairs(fmt, r.stop, p.max_tokens)
+        )
+    peak = peak_rss_bytes()
+    trainable = sum(x.numel() for x in peer.trainable())
+    peer.prepare_inference()
+    decoder = peer_decoder(peer, pad)
+    select = _generate(decoder, fmt, r.select, rho, p)
+    test = _generate(decoder, fmt, r.test, rho, p)
+    return {
+        "epochs_run": report.epochs_run or p.max_epochs,
+        "best_epoch": report.best_epoch,
+        "valid_history": report.valid_history,
+        "steps": report.steps,
+        "train_seconds": round(report.seconds, 1),
+        "peak_rss_mib": round(peak / 2**20, 1),
+        "trainable_params": trainable,
+        "served_params": peer.inference_parameter_count(),
+        "privacy": report.privacy,
+        "select": {"-": {k: v for k, v in select.items() if k != "outputs"}},
+        "config": {"lr": cfg.lr, "batch_size": cfg.batch_size, **method.peer},
+        "test": test,
+    }
+
+
+def baseline_cell(p: Protocol, method: Method) -> dict[str, Any]:
+    from pema.evaluation import pema_decoder, score
+
+    r = rows(p)
+    if method.kind == "copy":
+        hyps = [x.source for x in r.test]
+        return {"test": {**score(hyps, [x.target for x in r.test]), "outputs": hyps}}
+    from pema.prompts import TASK_TEMPLATES, PromptFormat
+
+    lm, tokenizer = _frozen(p)
+    fmt = PromptFormat(tokenizer, TASK_TEMPLATES[p.task])
+    rho = _rho(fmt, r.train)
+    select = _generate(pema_decoder(lm), fmt, r.select, rho, p)
+    return {
+        "select": {"-": {k: v for k, v in select.items() if k != "outputs"}},
+        "test": _generate(pema_decoder(lm), fmt, r.test, rho, p),
+    }
+
+
+def run_cell(p: Protocol, method_name: str, seed: int) -> dict[str, Any]:
+    _setup_torch()
+    if method_name.startswith("memory-"):
+        return build_memory_cell(p, method_name.removeprefix("memory-"))
+    method = METHODS[method_name]
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    if method.kind == "pema":
+        build = ensure_memory(p, method.memory_mode)
+        out = pema_cell(p, method, seed)
+        out["memory_build"] = build
+    elif method.kind == "peer":
+        out = peer_cell(p, method, seed)
+    else:
+        out = baseline_cell(p, method)
+    return {
+        "method": method_name,
+        "label": method.label,
+        "seed": seed,
+        **out,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "load_average": [round(load, 1), round(os.getloadavg()[0], 1)],
+    }
+
+
+class Store:
+    """compare.json: the protocol of each task and its finished cells; rewritten after each."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.doc: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def task(self, p: Protocol) -> dict[str, Any]:
+        entry = self.doc.setdefault(p.task, {"protocol": asdict(p), "cells": {}})
+        # Fields added to Protocol later read as their defaults in older files.
+        entry["protocol"] = {**asdict(Protocol(p.task)), **entry["protocol"]}
+        if entry["protocol"] != asdict(p):
+            print(f"[{p.task}] protocol changed: earlier cells dropped", file=sys.stderr)
+            entry.clear()
+            entry.update({"protocol": asdict(p), "cells": {}})
+        return entry
+
+    def save(self) -> None:
+        self.doc["machine"] = machine()
+        self.path.write_text(json.dumps(self.doc, indent=1, ensure_ascii=False) + "\n")
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": 2, "dtype": DTYPE}
+
+
+def cell_key(method: str, seed: int) -> str:
+    return f"{method}/seed{seed}" if METHODS[method].seeded else method
+
+
+def plan(methods: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """Every method's first seed (core methods first), then the further seeds."""
+    ordered = [m for m in CORE if m in methods] + [m for m in methods if m not in CORE]
+    first = [(m, seeds[0]) for m in ordered]
+    more = [(m, s) for s in seeds[1:] for m in ordered if METHODS[m].seeded]
+    return first + more
+
+
+def run_all(args: argparse.Namespace) -> None:
+    store = Store(args.results)
+    for task in args.tasks:
+        p = protocol_from(args, task)
+        entry = store.task(p)
+        for method, seed in plan(args.methods, args.seeds):
+            key = cell_key(method, seed)
+            if key in entry["cells"]:
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {task} {key} ...", file=sys.stderr, flush=True)
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.compare",
+                "--cell",
+                f"{method}:{seed}",
+                "--tasks",
+                task,
+                *protocol_flags(p),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"  failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            entry["cells"][key] = json.loads(proc.stdout.strip().splitlines()[-1])
+            store.save()
+            from benchmarks.compare_report import write_report
+
+            write_report(store.doc, args.results.parent)
+
+
+PROTOCOL_FLAGS = (
+    "model",
+    "data",
+    "train_pairs",
+    "select_pairs",
+    "stop_pairs",
+    "test_pairs",
+    "max_epochs",
+    "max_tokens",
+    "batch_size",
+)
+
+
+def protocol_from(args: argparse.Namespace, task: str) -> Protocol:
+    return Protocol(task, **{k: getattr(args, k) for k in PROTOCOL_FLAGS})
+
+
+def protocol_flags(p: Protocol) -> list[str]:
+    return [f"--{k.replace('_', '-')}={getattr(p, k)}" for k in PROTOCOL_FLAGS]
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Protocol("-")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["kjv_web", "web_es"],
+        choices=["kjv_web", "web_es"],
+        help="tasks (default: %(default)s)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(METHODS),
+        help="methods (default: all)",
+    )
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0, 1],
+        help="seeds of trained methods (default: %(default)s)",
+    )
+    helps = {
+        "train_pairs": "first N training pairs, for every method",
+        "select_pairs": "valid.tsv prefix on which choices are made",
+        "stop_pairs": "valid.tsv suffix on which early stopping reads its loss",
+        "test_pairs": "first N test pairs, scored",
+        "max_epochs": "epochs at most, for every trained method",
+        "max_tokens": "prompt + target tokens per training row",
+        "batch_size": "generation batch",
+    }
+    p.add_argument(
+        "--model",
+        default="",
+        help="local Hugging Face model folder (default: SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--data", default="", help="folder of train/valid/test.tsv (default: ../shared/data/<task>)"
+    )
+    for k in PROTOCOL_FLAGS[2:]:
+        p.add_argument(
+            f"--{k.replace('_', '-')}",
+            type=positive,
+            default=getattr(d, k),
+            help=f"{helps[k]} (default: %(default)s)",
+        )
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS / "compare.json",
+        help="cells file (default: %(default)s)",
+    )
+    p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: METHOD:SEED
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cell:
+        method, _, seed = args.cell.partition(":")
+        print(
+            json.dumps(
+                run_cell(protocol_from(args, args.tasks[0]), method, int(seed)), ensure_ascii=False
+            )
+        )
+        return 0
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    run_all(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""compare.md and compare-<task>.png from compare.json (see benchmarks.compare)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from pema.evaluation import paired_bootstrap
+
+
+def _interval(d: dict[str, Any]) -> str:
+    text = f"{d['delta']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+    return text if d["significant"] else f"{text} n.s."
+
+
+def matched(cells: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """The generation digest shared by the model-generated cells, and the cells that differ."""
+    digests = {k: c["test"]["trace"] for k, c in cells.items() if "trace" in c["test"]}
+    if not digests:
+        return None, []
+    reference = digests.get("untuned", next(iter(digests.values())))
+    return reference, sorted(k for k, d in digests.items() if d != reference)
+
+
+def task_rows(entry: dict[str, Any], refs: list[str]) -> list[dict[str, Any]]:
+    cells = entry["cells"]
+    _, mismatched = matched(cells)
+    untuned = cells.get("untuned", {}).get("test", {}).get("outputs")
+    lora = next((cells[k]["test"]["outputs"] for k in sorted(cells) if k.startswith("lora/")), None)
+    out = []
+    for key, c in cells.items():
+        if key in mismatched:
+            continue
+        hyps = c["test"]["outputs"]
+        row = {"key": key, **c}
+        for name, base in (("vs_untuned", untuned), ("vs_lora", lora)):
+            if base is not None and len(base) == len(hyps) == len(refs) and base is not hyps:
+                row[name] = paired_bootstrap(hyps, base, refs)
+        out.append(row)
+    return out
+
+
+def _num(v: Any, spec: str = "") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def write_report(doc: dict[str, Any], folder: Path) -> None:
+    from benchmarks.compare import METHODS, Protocol, rows
+
+    m = doc.get("machine", {})
+    lines = [
+        "# Every method, matched",
+        "",
+        "Produced by `.venv/bin/python -m benchmarks.compare` (resumable; cells in compare.json).",
+        f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch threads "
+        f"{m.get('torch_threads', '?')}, forward/generation dtype {m.get('dtype', '?')}. "
+        "Each cell's load average at its start and end is in compare.json (the machine was "
+        "shared with other work where it is above 2).",
+        "",
+    ]
+    for task, entry in doc.items():
+        if task == "machine":
+            continue
+        p = Protocol(**entry["protocol"])
+        refs = [x.target for x in rows(p).test]
+        digest, mismatched = matched(entry["cells"])
+        lines += [
+            f"## {task}",
+            "",
+            f"First {p.train_pairs} training pairs (rows cut to {p.max_tokens} tokens) for every "
+            f"method; at most {p.max_epochs} epochs, validated after each on the last "
+            f"{p.stop_pairs} valid.tsv pairs, best epoch kept, stopped when the validation loss "
+            f"rises above both previous (DP rows: fixed epochs, no early stopping). Choices "
+            f"(PEMA's λ) on the first {p.select_pairs} valid.tsv pairs. Scored on the first "
+            f"{p.test_pairs} test pairs, greedy, {p.dtype}, cap L + L//2 + 10 tokens with "
+            f"L = ⌈ρ·source tokens⌉, stop at newline or end of turn, batches of {p.batch_size}; "
+            f"generation digest {digest} shared by every model row"
+            + (f" (left out, digest differs: {', '.join(mismatched)})" if mismatched else "")
+            + ".",
+            "",
+            "Δ chrF: paired bootstrap (1,000 resamples of the test rows), 95% interval; n.s. = "
+            "the interval contains 0.",
+            "",
+            "| method | seed | epochs (best) | train s | peak RSS MiB | trainable | BLEU | chrF "
+            "| Δ chrF vs untuned | Δ chrF vs LoRA |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for r in task_rows(entry, refs):
+            epochs = r.get("epochs_run")
+            best = r.get("best_epoch")
+            lines.append(
+                f"| {r['label']}{' (λ ' + r['chosen'] + ')' if r.get('chosen') else ''} "
+                f"| {r['seed'] if METHODS[r['method']].seeded else ''} "
+                f"| {_num(epochs)}{f' ({best})' if best else ''} | {_num(r.get('train_seconds'))} "
+                f"| {_num(r.get('peak_rss_mib'))} | {_num(r.get('trainable_params'), ',')} "
+                f"| {r['test']['bleu']:.1f} | {r['test']['chrf']:.1f} "
+                f"| {_interval(r['vs_untuned']) if 'vs_untuned' in r else ''} "
+                f"| {_interval(r['vs_lora']) if 'vs_lora' in r else ''} |"
+            )
+        missing = [k for k in METHODS if not any(c == k or c.startswith(k + "/")
+                                                  for c in entry["cells"])]  # fmt: skip
+        if missing:
+            lines += ["", f"Not run yet: {', '.join(missing)}."]
+        lines.append("")
+        plot(task, entry, folder / f"compare-{task}.png")
+        lines += [f"![{task}](compare-{task}.png)", ""]
+    (folder / "compare.md").write_text("\n".join(lines))
+
+
+def plot(task: str, entry: dict[str, Any], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    cells = entry["cells"]
+    for ax, x_key, x_label in (
+        (axes[0], "peak_rss_mib", "training peak RSS (MiB, log)"),
+        (axes[1], "train_seconds", "training seconds (log)"),
+    ):
+        for key, c in cells.items():
+            if c.get(x_key):
+                ax.scatter(c[x_key], c["test"]["chrf"], marker="o" if "pema" in key else "s")
+                ax.annotate(key, (c[x_key], c["test"]["chrf"]), fontsize=7)
+        for name in ("untuned", "copy"):
+            if name in cells:
+                ax.axhline(cells[name]["test"]["chrf"], ls="--", lw=0.8, color="grey")
+                ax.annotate(name, (1, cells[name]["test"]["chrf"]), xycoords=("axes fraction", "data"),
+                            fontsize=7, ha="right")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("test chrF")
+        ax.set_title(task)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    results = Path(__file__).resolve().parent / "results"
+    write_report(json.loads((results / "compare.json").read_text()), results)
+    sys.exit(0)
