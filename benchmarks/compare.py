@@ -271,19 +271,19 @@ def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
 
     fmt = PromptFormat(AutoTokenizer.from_pretrained(_model_dir(p)), TASK_TEMPLATES[p.task])
     rho = _rho(fmt, r.train)
-    base = {
-        k: BEST[k]
-        for k in ("variant", "rank", "key_norm", "kappa", "alpha", "dropout")
-        if k in BEST
-    }
+    settings: dict[str, Any] = {
+        **{k: BEST[k] for k in ("variant", "rank", "key_norm", "kappa", "alpha", "dropout")
+           if k in BEST},
+        "lambda_max": BEST["lambda_max"],
+        "schedule": BEST["schedule"],
+        **method.adapter,
+    }  # fmt: skip
     config = AdapterConfig(
         hidden_size=head.hidden_size,
         rho=rho,
         template=fmt.template,
         memory_mode=method.memory_mode,
-        lambda_max=BEST["lambda_max"],
-        schedule=BEST["schedule"],
-        **{**base, **method.adapter},
+        **settings,
     )
     cfg = TrainConfig(
         **{
@@ -299,7 +299,11 @@ def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
     )
     torch.manual_seed(seed)
     adapter = PemaAdapter(config)
-    report = train_adapter(adapter, head, train_mem, stop_mem, cfg)
+    sources = (
+        [fmt.prior_ids(x.source) for x in r.train],
+        [fmt.prior_ids(x.source) for x in r.stop],
+    )
+    report = train_adapter(adapter, head, train_mem, stop_mem, cfg, sources=sources)
     peak = peak_rss_bytes()
     trainable = sum(
         x.numel() for x in adapter.parameters() if x.requires_grad and x is not adapter.B_rct

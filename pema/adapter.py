@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ class AdapterConfig:
     # with a consistency loss, inference uses the copies' average (the only A a checkpoint holds).
     mixture: int = 1
     mixture_consistency: float = 1.0
+    # The source prior (an extension beyond the paper): P_PEMA = softmax(H(h_pd) + β·m), m = 1 on
+    # the tokens of this row's own source text and end of turn. β starts here and is learned;
+    # 0 turns it off. The tenant holds the source, so nothing more is sent to the owner.
+    source_prior: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,6 +76,7 @@ class AdapterConfig:
             ),
             (self.rho > 0, f"rho must be positive, got {self.rho}"),
             (self.mixture >= 1, f"mixture must be at least 1, got {self.mixture}"),
+            (self.source_prior >= 0, f"source_prior must not be negative, got {self.source_prior}"),
             (
                 self.mixture_consistency >= 0,
                 f"mixture_consistency must not be negative, got {self.mixture_consistency}",
@@ -86,6 +92,15 @@ class AdapterConfig:
 
     def replace(self, **changes: Any) -> AdapterConfig:
         return AdapterConfig(**{**asdict(self), **changes})
+
+
+def source_mask(rows: Sequence[Sequence[int]], vocab_size: int) -> Tensor:
+    """B x V: 1 at each token id of that row's source prior ids, 0 elsewhere."""
+    mask = torch.zeros(len(rows), vocab_size)
+    lengths = torch.tensor([len(r) for r in rows])
+    index = torch.repeat_interleave(torch.arange(len(rows)), lengths)
+    mask[index, torch.tensor([t for r in rows for t in r], dtype=torch.long)] = 1.0
+    return mask
 
 
 def rms_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -104,6 +119,11 @@ class PemaAdapter(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         # The AdaMix copies of A (M x r x d), trained in place of A when mixture > 1.
         self.A_mix = nn.Parameter(torch.empty(config.mixture, r, d)) if config.mixture > 1 else None
+        self.source_beta = (
+            nn.Parameter(torch.tensor(float(config.source_prior)))
+            if config.source_prior > 0
+            else None
+        )
         self.reset_A()
 
     def reset_A(self) -> None:
@@ -157,10 +177,22 @@ class PemaAdapter(nn.Module):
     def forward(self, keys: Tensor) -> Tensor:
         return self.predict_hidden(self.prepare(keys))
 
+    def logits(self, head: nn.Module, h_pd: Tensor, prior: Tensor | None) -> Tensor:
+        """P_PEMA's logits from h_pd; `prior` (B x V source mask) is needed with the prior on."""
+        out: Tensor = head(h_pd)
+        if self.source_beta is None:
+            return out
+        if prior is None:
+            raise AdapterError("this adapter has a source prior: each row's source is needed")
+        return out + self.source_beta * prior
+
     def inference_state(self) -> dict[str, Tensor]:
         """The weights needed to generate (B_rct only serves training)."""
         A = self.A if self.A_mix is None else self.A_mix.mean(0)
-        return {"A": A.detach(), "B_pd": self.B_pd.detach()}
+        state = {"A": A.detach(), "B_pd": self.B_pd.detach()}
+        if self.source_beta is not None:
+            state["source_beta"] = self.source_beta.detach()
+        return state
 
 
 def count_parameters(adapter: PemaAdapter) -> dict[str, int]:

@@ -20,8 +20,10 @@ from pema.backbone import Backbone
 from pema.generation import Mixing, expected_length, generate
 from pema.prompts import PromptFormat
 
-# (prompts, expected lengths L, output caps, stop ids) -> generated ids per prompt
-Decoder = Callable[[list[list[int]], list[int], list[int], frozenset[int]], list[list[int]]]
+# (prompts, source prior ids, expected lengths L, output caps, stop ids) -> generated ids per row
+Decoder = Callable[
+    [list[list[int]], list[list[int]], list[int], list[int], frozenset[int]], list[list[int]]
+]
 
 
 def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -76,7 +78,7 @@ def translate_with(
             trace.batches.append(
                 {"rows": idx, "caps": caps, "prompt_tokens": [t for x in prompts for t in x]}
             )
-        ids = decoder(prompts, lengths, caps, stop_ids)
+        ids = decoder(prompts, [fmt.prior_ids(sources[i]) for i in idx], lengths, caps, stop_ids)
         for i, row in zip(idx, ids, strict=True):
             outputs[i] = fmt.decode(row)
         if progress:
@@ -91,9 +93,15 @@ def pema_decoder(
     head = backbone.head()
 
     def decode(
-        prompts: list[list[int]], lengths: list[int], caps: list[int], stop_ids: frozenset[int]
+        prompts: list[list[int]],
+        sources: list[list[int]],
+        lengths: list[int],
+        caps: list[int],
+        stop_ids: frozenset[int],
     ) -> list[list[int]]:
-        return generate(backbone.session(), head, prompts, stop_ids, caps, adapter, mixing, lengths)
+        return generate(
+            backbone.session(), head, prompts, stop_ids, caps, adapter, mixing, lengths, sources
+        )
 
     return decode
 

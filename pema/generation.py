@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pema.adapter import PemaAdapter
+from pema.adapter import PemaAdapter, source_mask
 from pema.backbone import DecodeSession
 from pema.errors import PemaError
 from pema.head import LMHead
@@ -99,20 +99,28 @@ def generate(
     adapter: PemaAdapter | None = None,
     mixing: Mixing | None = None,
     lengths: Sequence[int] | None = None,
+    sources: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of a batch through a DecodeSession, mixing P_PEMA in when an adapter is
-    given. Without an adapter (or with λ = 0) this is the frozen model's own greedy output."""
+    given. Without an adapter (or with λ = 0) this is the frozen model's own greedy output.
+    `sources` (each row's PromptFormat.prior_ids) feed an adapter's source prior."""
     if len(prompts) != len(max_new_tokens):
         raise PemaError("one max_new_tokens per prompt is required")
     if adapter is not None and (mixing is None or lengths is None):
         raise PemaError("mixing an adapter needs a schedule and an expected length per row")
+    prior = None
+    if adapter is not None and adapter.source_beta is not None:
+        if sources is None or len(sources) != len(prompts):
+            raise PemaError("this adapter has a source prior: one source per prompt is needed")
+        prior = source_mask(sources, head.vocab_size)
 
     def scores(h: Tensor, t: int) -> Tensor:
         logp = head.log_probs(h)
         if adapter is not None and mixing is not None and lengths is not None:
             lam = torch.tensor([[mixing.lam(t, n)] for n in lengths])
             if bool((lam > 0).any()):
-                logp = mix_log_probs(logp, head.log_probs(adapter(h)), lam)
+                pema = torch.log_softmax(adapter.logits(head, adapter(h), prior), dim=-1)
+                logp = mix_log_probs(logp, pema, lam)
         return logp
 
     try:

@@ -72,6 +72,12 @@ class Memory:
     def n_pairs(self) -> int:
         return int(self.offsets.shape[0] - 1)
 
+    def pair_index(self) -> Tensor:
+        """N: the pair each key belongs to."""
+        return torch.repeat_interleave(
+            torch.arange(self.n_pairs), self.offsets[1:] - self.offsets[:-1]
+        )
+
     @property
     def nbytes(self) -> int:
         return int(self.keys.nbytes + self.targets.nbytes)

@@ -61,6 +61,10 @@ class PromptFormat:
     def target_ids(self, target: str) -> list[int]:
         return [*self.text_ids(target), self.eos_id]
 
+    def prior_ids(self, source: str) -> list[int]:
+        """The support of the source prior: the source's own tokens and the end of turn."""
+        return [*self.text_ids(source), self.eos_id]
+
     def items(self, pairs: Sequence[Pair]) -> list[EncodeItem]:
         return [EncodeItem(self.prompt_ids(p.source), self.target_ids(p.target)) for p in pairs]
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pema.adapter import PemaAdapter
+from pema.adapter import PemaAdapter, source_mask
 from pema.dtypes import resolve_dtype
 from pema.errors import PemaError
 from pema.head import LMHead
@@ -116,6 +116,31 @@ class EarlyStop:
         return len(self.history) >= 3 and loss > self.history[-2] and loss > self.history[-3]
 
 
+class PriorMasks:
+    """The source-prior mask of any memory rows (None when the adapter has no prior)."""
+
+    def __init__(
+        self,
+        adapter: PemaAdapter,
+        head: LMHead,
+        memory: Memory,
+        sources: Sequence[Sequence[int]] | None,
+    ) -> None:
+        self.sources, self.vocab_size = sources, head.vocab_size
+        self.pairs: Tensor | None = None
+        if adapter.source_beta is not None:
+            if sources is None or len(sources) != memory.n_pairs:
+                raise PemaError(
+                    "an adapter with a source prior trains with each memory pair's source tokens"
+                )
+            self.pairs = memory.pair_index()
+
+    def __call__(self, rows: Tensor) -> Tensor | None:
+        if self.pairs is None or self.sources is None:
+            return None
+        return source_mask([self.sources[p] for p in self.pairs[rows].tolist()], self.vocab_size)
+
+
 @torch.no_grad()
 def evaluate_memory(
     adapter: PemaAdapter,
@@ -123,6 +148,7 @@ def evaluate_memory(
     memory: Memory,
     batch_size: int = 256,
     with_model_baseline: bool = False,
+    sources: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, float]:
     """Validation figures: reconstruction MSE, CE and top-1 of P_PEMA and the joint loss; with
     `with_model_baseline`, also the frozen model's own CE and top-1 on the same keys. Batches are
@@ -133,19 +159,21 @@ def evaluate_memory(
     n = len(memory)
     sums = {"mse": 0.0, "ce": 0.0, "top1": 0.0, "model_ce": 0.0, "model_top1": 0.0}
 
-    def add_logits(prefix: str, h: Tensor, targets: Tensor) -> None:
-        logp = torch.log_softmax(head(h), dim=-1)
+    def add_logits(prefix: str, logits: Tensor, targets: Tensor) -> None:
+        logp = torch.log_softmax(logits, dim=-1)
         sums[prefix + "ce"] -= float(logp.gather(1, targets[:, None]).sum())
         sums[prefix + "top1"] += float((logp.argmax(-1) == targets).sum())
 
+    priors = PriorMasks(adapter, head, memory, sources)
     for i in range(0, n, batch_size):
-        keys, targets = memory.keys[i : i + batch_size], memory.targets[i : i + batch_size].long()
+        rows = torch.arange(i, min(i + batch_size, n))
+        keys, targets = memory.keys[rows], memory.targets[rows].long()
         x = adapter.prepare(keys)
         z = adapter.bottleneck(x)
         sums["mse"] += float(F.mse_loss(adapter.reconstruct(x, z), x, reduction="sum")) / x.shape[1]
-        add_logits("", adapter.predict_hidden(x, z), targets)
+        add_logits("", adapter.logits(head, adapter.predict_hidden(x, z), priors(rows)), targets)
         if with_model_baseline:
-            add_logits("model_", keys.float(), targets)
+            add_logits("model_", head(keys.float()), targets)
     adapter.train(was_training)
     out = {k: v / n for k, v in sums.items() if with_model_baseline or not k.startswith("model_")}
     out["loss"] = adapter.config.kappa * out["mse"] + (1 - adapter.config.kappa) * out["ce"]
@@ -156,7 +184,7 @@ def _run_phase(
     phase: int,
     adapter: PemaAdapter,
     params: list[torch.nn.Parameter],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[[Tensor], Tensor],
     valid_fn: Callable[[], dict[str, float]],
     memory: Memory,
     batch_size: int,
@@ -192,7 +220,7 @@ def _run_phase(
     stop = False
     for epoch in range(1, epochs + 1):
         for idx in _batches(len(memory), batch_size, gen):
-            loss = loss_fn(memory.keys[idx], memory.targets[idx].long())
+            loss = loss_fn(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             loss = loss.detach()
@@ -223,17 +251,23 @@ def train_adapter(
     cfg: TrainConfig = TrainConfig(),
     callback: Callback | None = None,
     phases: tuple[int, ...] = (1, 2),
+    sources: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]] | None = None,
 ) -> TrainReport:
     """Phase 1 trains A, B_rct to reconstruct keys; phase 2 freezes B_rct and trains a fresh A
     with B_pd on κ·MSE + (1-κ)·CE. Phase 1 is skipped when κ = 0 (its B_rct would be unused).
     `phases` lets a federated round continue phase 2 from a checkpoint.
     With adapter.config.mixture > 1 (AdaMix), every step runs two passes with independent routing
-    and adds the symmetric-KL consistency term. With cfg.dp_epsilon set, training is DP-SGD."""
+    and adds the symmetric-KL consistency term. With cfg.dp_epsilon set, training is DP-SGD.
+    `sources` (each pair's PromptFormat.prior_ids, for the train and the valid memory) feed an
+    adapter's source prior."""
+    train_src, valid_src = sources if sources is not None else (None, None)
     if cfg.dp_epsilon is not None:
         # Imported here because pema.peers.private builds on this module.
         from pema.peers.private import train_adapter_private
 
-        return train_adapter_private(adapter, head, train_memory, valid_memory, cfg, callback)
+        return train_adapter_private(
+            adapter, head, train_memory, valid_memory, cfg, callback, sources=sources
+        )
     if len(train_memory) == 0 or len(valid_memory) == 0:
         raise PemaError("training and validation memories must not be empty")
     if train_memory.keys.shape[1] != adapter.config.hidden_size:
@@ -247,18 +281,23 @@ def train_adapter(
     matmul_dtype = resolve_dtype(cfg.head_matmul_dtype)
     reports: dict[int, PhaseReport] = {}
 
-    def rct_loss(keys: Tensor, _targets: Tensor) -> Tensor:
-        x = adapter.prepare(keys)
+    priors = PriorMasks(adapter, head, train_memory, train_src)
+
+    def valid() -> dict[str, float]:
+        return evaluate_memory(adapter, head, valid_memory, sources=valid_src)
+
+    def rct_loss(idx: Tensor) -> Tensor:
+        x = adapter.prepare(train_memory.keys[idx])
         return F.mse_loss(adapter.reconstruct(x), x)
 
     def rct_valid() -> dict[str, float]:
-        m = evaluate_memory(adapter, head, valid_memory)
+        m = valid()
         return {**m, "loss": m["mse"]}
 
-    def mixture_loss(x: Tensor, targets: Tensor) -> Tensor:
+    def mixture_loss(x: Tensor, targets: Tensor, prior: Tensor | None) -> Tensor:
         # Full logits (not the chunked CE) because the KL term needs both distributions.
         zs = [adapter.bottleneck(x) for _ in range(2)]
-        logits = [head(adapter.predict_hidden(x, z)) for z in zs]
+        logits = [adapter.logits(head, adapter.predict_hidden(x, z), prior) for z in zs]
         ce = 0.5 * (F.cross_entropy(logits[0], targets) + F.cross_entropy(logits[1], targets))
         loss = ce + adapter.config.mixture_consistency * symmetric_kl(logits[0], logits[1])
         if kappa == 0:
@@ -266,17 +305,19 @@ def train_adapter(
         mse = sum(F.mse_loss(adapter.reconstruct(x, z), x) for z in zs) / 2
         return kappa * mse + (1 - kappa) * loss
 
-    def joint_loss(keys: Tensor, targets: Tensor) -> Tensor:
-        x = adapter.prepare(keys)
+    def joint_loss(idx: Tensor) -> Tensor:
+        x, targets = adapter.prepare(train_memory.keys[idx]), train_memory.targets[idx].long()
+        prior = priors(idx)
         if adapter.A_mix is not None:
-            return mixture_loss(x, targets)
+            return mixture_loss(x, targets, prior)
         z = adapter.bottleneck(x)
-        ce = head.cross_entropy(
-            adapter.predict_hidden(x, z),
-            targets,
-            cfg.ce_chunk_size,
-            matmul_dtype,
-        )
+        if prior is not None:
+            # The prior shifts every logit row: the full logits, not the chunked CE.
+            ce = F.cross_entropy(adapter.logits(head, adapter.predict_hidden(x, z), prior), targets)
+        else:
+            ce = head.cross_entropy(
+                adapter.predict_hidden(x, z), targets, cfg.ce_chunk_size, matmul_dtype
+            )
         if kappa == 0:
             return ce
         return kappa * F.mse_loss(adapter.reconstruct(x, z), x) + (1 - kappa) * ce
@@ -290,12 +331,17 @@ def train_adapter(
         if 1 in phases:
             adapter.reset_A()
         adapter.B_rct.requires_grad_(False)
+        params = [adapter.trainable_A(), adapter.B_pd]
+        if adapter.source_beta is not None:
+            params.append(adapter.source_beta)
         reports[2] = _run_phase(
-            2, adapter, [adapter.trainable_A(), adapter.B_pd], joint_loss,
-            lambda: evaluate_memory(adapter, head, valid_memory),
+            2, adapter, params, joint_loss, valid,
             train_memory, cfg.batch_size, cfg.epochs, cfg, callback,
         )  # fmt: skip
         adapter.B_rct.requires_grad_(True)
     return TrainReport(
-        phases=reports, valid=evaluate_memory(adapter, head, valid_memory, with_model_baseline=True)
+        phases=reports,
+        valid=evaluate_memory(
+            adapter, head, valid_memory, with_model_baseline=True, sources=valid_src
+        ),
     )

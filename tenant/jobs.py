@@ -173,6 +173,10 @@ def train_job(
             train_config,
             callback,
             phases,
+            sources=(
+                [fmt.prior_ids(p.source) for p in train_pairs],
+                [fmt.prior_ids(p.source) for p in valid_pairs],
+            ),
         )
     finally:
         progress.close()

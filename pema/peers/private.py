@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from pema.adapter import PemaAdapter
+from pema.adapter import PemaAdapter, source_mask
 from pema.backbone import EncodeItem
 from pema.errors import PemaError
 from pema.head import LMHead
@@ -121,9 +121,10 @@ def _pair_batch(memory: Memory, pairs: Tensor) -> tuple[Tensor, Tensor]:
     return keys, targets
 
 
-def _per_pair_ce(head: LMHead, h: Tensor, targets: Tensor) -> Tensor:
-    """Sum over pairs of each pair's mean CE over its keys (plain autograd)."""
-    logits = head(h)
+def _per_pair_ce(head: LMHead, h: Tensor, targets: Tensor, prior: Tensor) -> Tensor:
+    """Sum over pairs of each pair's mean CE over its keys (plain autograd); `prior` (P x V, the
+    source prior times its fixed β, or zeros) shifts each pair's logits."""
+    logits = head(h) + prior[:, None, :]
     ce = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     return (ce.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)).sum()
 
@@ -136,8 +137,10 @@ def train_adapter_private(
     cfg: TrainConfig,
     callback: Callback | None = None,
     chunk_pairs: int = 4,
+    sources: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]] | None = None,
 ) -> TrainReport:
-    """Phase 2 only (κ = 0), DP-SGD with Adam over A and B_pd for cfg.epochs epochs."""
+    """Phase 2 only (κ = 0), DP-SGD with Adam over A and B_pd for cfg.epochs epochs. A source
+    prior keeps its starting β (a fixed setting, not learned from the data under DP)."""
     assert cfg.dp_epsilon is not None
     config = adapter.config
     if config.kappa != 0:
@@ -147,6 +150,11 @@ def train_adapter_private(
     if cfg.epochs < 1:
         raise PemaError("DP training needs at least one epoch")
     n = train_memory.n_pairs
+    train_src, valid_src = sources if sources is not None else (None, None)
+    if adapter.source_beta is not None:
+        adapter.source_beta.requires_grad_(False)
+        if train_src is None or len(train_src) != n:
+            raise PemaError("an adapter with a source prior trains with each pair's source tokens")
     head.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     adapter.B_rct.requires_grad_(False)
@@ -172,6 +180,10 @@ def train_adapter_private(
                 continue
             keys, targets = _pair_batch(train_memory, pairs)
             h = core(adapter.prepare(keys))
+            prior = torch.zeros(len(pairs), head.vocab_size)
+            if adapter.source_beta is not None and train_src is not None:
+                rows = [train_src[p] for p in pairs.tolist()]
+                prior = adapter.source_beta.detach() * source_mask(rows, head.vocab_size)
             # Chunks of pairs through the V-wide head, recomputed in backward: peak memory is one
             # chunk of logits. The mean over the batch is the reduction Opacus is told about.
             parts = [
@@ -180,6 +192,7 @@ def train_adapter_private(
                     head,
                     h[i : i + chunk_pairs],
                     targets[i : i + chunk_pairs],
+                    prior[i : i + chunk_pairs],
                     use_reentrant=False,
                 )
                 for i in range(0, len(pairs), chunk_pairs)
@@ -194,7 +207,9 @@ def train_adapter_private(
     report.seconds = time.perf_counter() - start
     adapter.B_rct.requires_grad_(True)
     adapter.eval()
-    valid = evaluate_memory(adapter, head, valid_memory, with_model_baseline=True)
+    valid = evaluate_memory(
+        adapter, head, valid_memory, with_model_baseline=True, sources=valid_src
+    )
     report.best_valid = valid["loss"]
     report.history.append({"epoch": report.epochs_run, "step": report.steps, **valid})
     privacy = _privacy(engine, dp_opt, delta, n, batch, report.steps, cfg.dp_max_grad_norm)

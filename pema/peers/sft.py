@@ -263,7 +263,11 @@ def peer_decoder(peer: Peer, pad_id: int) -> Decoder:
     """A peer's own greedy decoding, in the shape pema.evaluation.translate_with expects."""
 
     def decode(
-        prompts: list[list[int]], _lengths: list[int], caps: list[int], stop_ids: frozenset[int]
+        prompts: list[list[int]],
+        _sources: list[list[int]],
+        _lengths: list[int],
+        caps: list[int],
+        stop_ids: frozenset[int],
     ) -> list[list[int]]:
         return greedy_generate(peer, prompts, stop_ids, caps, pad_id)
 
