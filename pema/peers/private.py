@@ -121,10 +121,10 @@ def _pair_batch(memory: Memory, pairs: Tensor) -> tuple[Tensor, Tensor]:
     return keys, targets
 
 
-def _per_pair_ce(head: LMHead, h: Tensor, targets: Tensor, prior: Tensor) -> Tensor:
+def _per_pair_ce(head: LMHead, h: Tensor, targets: Tensor, prior: Tensor | None = None) -> Tensor:
     """Sum over pairs of each pair's mean CE over its keys (plain autograd); `prior` (P x V, the
-    source prior times its fixed β, or zeros) shifts each pair's logits."""
-    logits = head(h) + prior[:, None, :]
+    source prior times its fixed β) shifts each pair's logits."""
+    logits = head(h) if prior is None else head(h) + prior[:, None, :]
     ce = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     return (ce.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)).sum()
 
@@ -180,7 +180,7 @@ def train_adapter_private(
                 continue
             keys, targets = _pair_batch(train_memory, pairs)
             h = core(adapter.prepare(keys))
-            prior = torch.zeros(len(pairs), head.vocab_size)
+            prior = None
             if adapter.source_beta is not None and train_src is not None:
                 rows = [train_src[p] for p in pairs.tolist()]
                 prior = adapter.source_beta.detach() * source_mask(rows, head.vocab_size)
@@ -192,7 +192,7 @@ def train_adapter_private(
                     head,
                     h[i : i + chunk_pairs],
                     targets[i : i + chunk_pairs],
-                    prior[i : i + chunk_pairs],
+                    None if prior is None else prior[i : i + chunk_pairs],
                     use_reentrant=False,
                 )
                 for i in range(0, len(pairs), chunk_pairs)

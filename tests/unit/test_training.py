@@ -14,7 +14,7 @@ from pema.adapter import AdapterConfig, PemaAdapter
 from pema.backbone import EncodeItem, FrozenLM, MemoryMode
 from pema.errors import PemaError
 from pema.memory import Memory, MemorySpec, build_memory
-from pema.training import TrainConfig, TrainEvent, EarlyStop, evaluate_memory, train_adapter
+from pema.training import EarlyStop, TrainConfig, TrainEvent, evaluate_memory, train_adapter
 
 VOCAB = 2048
 

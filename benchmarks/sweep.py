@@ -1,0 +1,206 @@
+"""PEMA recipe sweeps, judged on the valid.tsv prefix only (test is never read here).
+
+    .venv/bin/python -m benchmarks.sweep --task kjv_web [--configs NAME ...]
+
+Each config trains from the memories of benchmarks.compare's protocol (same rows, same epoch
+budget and early stopping) and generates the same valid prefix for each of its mixings, through
+the same generation path. Results accumulate in results/sweep.json (finished configs are not
+redone) and are ranked in results/sweep.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.compare import (
+    DTYPE,
+    RESULTS,
+    Protocol,
+    _frozen,
+    _generate,
+    _memory_path,
+    _rho,
+    _setup_torch,
+    ensure_memory,
+    rows,
+)
+
+RESIDUAL = dict(variant="residual", key_norm="rms", kappa=0.0, rank=64, dropout=0.2)
+# name -> (adapter settings, train settings, mixings tried on valid)
+CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
+    "residual-r64": (RESIDUAL, {}, ["constant-0.25", "constant-0.5", "gu-0.9", "constant-1.0"]),
+    "prior3-untrained": ({**RESIDUAL, "source_prior": 3.0}, {"epochs": 0}, ["constant-1.0"]),
+    "prior3-r64": (
+        {**RESIDUAL, "source_prior": 3.0},
+        {},
+        ["constant-0.5", "constant-0.9", "constant-1.0", "gu-0.9"],
+    ),
+    "prior1-r64": ({**RESIDUAL, "source_prior": 1.0}, {}, ["constant-0.9", "constant-1.0"]),
+    "prior3-r16": ({**RESIDUAL, "source_prior": 3.0, "rank": 16}, {}, ["constant-1.0"]),
+    "prior3-r256": ({**RESIDUAL, "source_prior": 3.0, "rank": 256}, {}, ["constant-1.0"]),
+    "prior3-r64-lr3e-3": ({**RESIDUAL, "source_prior": 3.0}, {"lr": 3e-3}, ["constant-1.0"]),
+    "prior3-r64-nodrop": ({**RESIDUAL, "source_prior": 3.0, "dropout": 0.0}, {}, ["constant-1.0"]),
+    "prior3-r64-e4": ({**RESIDUAL, "source_prior": 3.0}, {"epochs": 4}, ["constant-1.0"]),
+    "prior3-r64-b64": ({**RESIDUAL, "source_prior": 3.0}, {"batch_size": 64}, ["constant-1.0"]),
+}
+
+
+def run_config(p: Protocol, name: str, lm: Any, tokenizer: Any) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.quality import parse_mixing
+    from pema.adapter import AdapterConfig, PemaAdapter
+    from pema.evaluation import pema_decoder
+    from pema.head import LMHead, load_head
+    from pema.memory import Memory
+    from pema.prompts import TASK_TEMPLATES, PromptFormat
+    from pema.training import TrainConfig, train_adapter
+
+    adapter_settings, train_settings, mixings = CONFIGS[name]
+    r = rows(p)
+    fmt = PromptFormat(tokenizer, TASK_TEMPLATES[p.task])
+    rho = _rho(fmt, r.train)
+    head = LMHead(load_head(_memory_path(p, "head", "all")))
+    train_mem = Memory.load(_memory_path(p, "train", "teacher-forced"))
+    stop_mem = Memory.load(_memory_path(p, "stop", "teacher-forced"))
+    config = AdapterConfig(
+        hidden_size=head.hidden_size, rho=rho, template=fmt.template, **adapter_settings
+    )
+    cfg = TrainConfig(
+        **{
+            "lr": 1e-3,
+            "batch_size": 256,
+            "epochs": p.max_epochs,
+            "rct_epochs": p.max_epochs,
+            "eval_every": 10**9,
+            "seed": 0,
+            "head_matmul_dtype": DTYPE,
+            **train_settings,
+        }
+    )
+    torch.manual_seed(0)
+    adapter = PemaAdapter(config)
+    sources = (
+        [fmt.prior_ids(x.source) for x in r.train],
+        [fmt.prior_ids(x.source) for x in r.stop],
+    )
+    report = train_adapter(adapter, head, train_mem, stop_mem, cfg, sources=sources)
+    valid = {}
+    for m in mixings:
+        g = _generate(pema_decoder(lm, adapter, parse_mixing(m)), fmt, r.select, rho, p)
+        valid[m] = {
+            "bleu": g["bleu"],
+            "chrf": g["chrf"],
+            "seconds": g["seconds"],
+            "samples": g["outputs"][:3],
+        }
+        print(f"  {name} {m}: chrF {g['chrf']}", file=sys.stderr, flush=True)
+    beta = adapter.source_beta
+    return {
+        "adapter": adapter_settings,
+        "train": {**asdict(cfg)},
+        "epochs_run": sum(x.epochs_run for x in report.phases.values()),
+        "train_seconds": round(report.seconds, 1),
+        "valid_memory": {k: round(v, 4) for k, v in report.valid.items()},
+        "learned_beta": None if beta is None else round(float(beta), 3),
+        "valid": valid,
+    }
+
+
+def write_report(doc: dict[str, Any]) -> None:
+    lines = [
+        "# PEMA sweeps (valid.tsv prefix only)",
+        "",
+        "Produced by `.venv/bin/python -m benchmarks.sweep`; protocol as in compare.md (same "
+        "training rows, epoch budget and early stopping, fp32, same cap and stop rule). Every "
+        "figure here is on the valid.tsv prefix used for choices; test is never read.",
+        "",
+    ]
+    for task, entry in doc.items():
+        ranked = sorted(
+            (
+                (c["valid"][m]["chrf"], name, m, c)
+                for name, c in entry["configs"].items()
+                for m in c["valid"]
+            ),
+            reverse=True,
+        )
+        lines += [
+            f"## {task}",
+            "",
+            f"Untuned model on the same rows: chrF {entry.get('untuned', {}).get('chrf', '?')}.",
+            "",
+            "| config | mixing | valid chrF | valid BLEU | epochs | train s | valid CE (memory) "
+            "| learned β |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for chrf, name, m, c in ranked:
+            lines.append(
+                f"| {name} | {m} | {chrf:.2f} | {c['valid'][m]['bleu']:.2f} | {c['epochs_run']} "
+                f"| {c['train_seconds']} | {c['valid_memory'].get('ce', float('nan')):.3f} "
+                f"| {c['learned_beta'] if c['learned_beta'] is not None else ''} |"
+            )
+        lines.append("")
+    (RESULTS / "sweep.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--task",
+        default="kjv_web",
+        choices=["kjv_web", "web_es"],
+        help="task (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(CONFIGS),
+        choices=list(CONFIGS),
+        help="configs to run (default: all)",
+    )
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS / "sweep.json",
+        help="results file (default: %(default)s)",
+    )
+    args = ap.parse_args(argv)
+    _setup_torch()
+    p = Protocol(args.task)
+    ensure_memory(p, "teacher-forced")
+    doc: dict[str, Any] = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    entry = doc.setdefault(args.task, {"protocol": asdict(p), "configs": {}})
+    lm, tokenizer = _frozen(p)
+    if "untuned" not in entry:
+        from pema.evaluation import pema_decoder
+        from pema.prompts import TASK_TEMPLATES, PromptFormat
+
+        r = rows(p)
+        fmt = PromptFormat(tokenizer, TASK_TEMPLATES[p.task])
+        g = _generate(pema_decoder(lm), fmt, r.select, _rho(fmt, r.train), p)
+        entry["untuned"] = {"bleu": g["bleu"], "chrf": g["chrf"], "trace": g["trace"]}
+    for name in args.configs:
+        if name in entry["configs"]:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {args.task} {name}", file=sys.stderr, flush=True)
+        entry["configs"][name] = run_config(p, name, lm, tokenizer)
+        args.results.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+        write_report(doc)
+    args.results.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    write_report(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
