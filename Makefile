@@ -37,7 +37,7 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 bench: setup
-	$(BIN)/python -m benchmarks.quality
+	$(BIN)/python -m benchmarks.compare
 
 # gRPC stubs in proto/gen/ are generated from proto/**/*.proto and committed.
 protos: setup

@@ -253,9 +253,9 @@ def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
     read the peak RSS, then load the model to choose λ on the valid prefix and score test."""
     import torch
 
-    from benchmarks.quality import parse_mixing
     from pema.adapter import AdapterConfig, PemaAdapter
     from pema.evaluation import pema_decoder
+    from pema.generation import Mixing
     from pema.head import LMHead, load_head
     from pema.memory import Memory
     from pema.process import peak_rss_bytes
@@ -312,11 +312,11 @@ def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
     lm, _ = _frozen(p)
     mixings = method.mixings or (f"{BEST['schedule']}-{BEST['lambda_max']}",)
     select = {
-        m: _generate(pema_decoder(lm, adapter, parse_mixing(m)), fmt, r.select, rho, p)
+        m: _generate(pema_decoder(lm, adapter, Mixing.parse(m)), fmt, r.select, rho, p)
         for m in mixings
     }
     chosen = max(mixings, key=lambda m: select[m]["chrf"])
-    test = _generate(pema_decoder(lm, adapter, parse_mixing(chosen)), fmt, r.test, rho, p)
+    test = _generate(pema_decoder(lm, adapter, Mixing.parse(chosen)), fmt, r.test, rho, p)
     phases = report.phases.values()
     last = report.phases[max(report.phases)]
     return {

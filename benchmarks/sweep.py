@@ -32,6 +32,8 @@ from benchmarks.compare import (
 )
 
 RESIDUAL = dict(variant="residual", key_norm="rms", kappa=0.0, rank=64, dropout=0.2)
+DP = {**RESIDUAL, "dropout": 0.0}
+DP_TRAIN = {"dp_epsilon": 8.0, "lr": 1e-2, "dp_batch_pairs": 128, "epochs": 4}
 # name -> (adapter settings, train settings, mixings tried on valid)
 CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
     "residual-r64": (RESIDUAL, {}, ["constant-0.25", "constant-0.5", "gu-0.9", "constant-1.0"]),
@@ -48,15 +50,21 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
     "prior3-r64-nodrop": ({**RESIDUAL, "source_prior": 3.0, "dropout": 0.0}, {}, ["constant-1.0"]),
     "prior3-r64-e4": ({**RESIDUAL, "source_prior": 3.0}, {"epochs": 4}, ["constant-1.0"]),
     "prior3-r64-b64": ({**RESIDUAL, "source_prior": 3.0}, {"batch_size": 64}, ["constant-1.0"]),
+    # DP-PEMA (privacy unit: a pair; δ = 1/2N): bigger lr and Poisson batches than before, so
+    # the signal is not swamped; β stays at its start under DP.
+    "dp8-residual": (DP, DP_TRAIN, ["constant-0.5", "constant-1.0"]),
+    "dp8-prior3": ({**DP, "source_prior": 3.0}, DP_TRAIN, ["constant-1.0"]),
+    "dp8-prior3-r16": ({**DP, "source_prior": 3.0, "rank": 16}, DP_TRAIN, ["constant-1.0"]),
+    "dp3-prior3": ({**DP, "source_prior": 3.0}, {**DP_TRAIN, "dp_epsilon": 3.0}, ["constant-1.0"]),
 }
 
 
 def run_config(p: Protocol, name: str, lm: Any, tokenizer: Any) -> dict[str, Any]:
     import torch
 
-    from benchmarks.quality import parse_mixing
     from pema.adapter import AdapterConfig, PemaAdapter
     from pema.evaluation import pema_decoder
+    from pema.generation import Mixing
     from pema.head import LMHead, load_head
     from pema.memory import Memory
     from pema.prompts import TASK_TEMPLATES, PromptFormat
@@ -93,7 +101,7 @@ def run_config(p: Protocol, name: str, lm: Any, tokenizer: Any) -> dict[str, Any
     report = train_adapter(adapter, head, train_mem, stop_mem, cfg, sources=sources)
     valid = {}
     for m in mixings:
-        g = _generate(pema_decoder(lm, adapter, parse_mixing(m)), fmt, r.select, rho, p)
+        g = _generate(pema_decoder(lm, adapter, Mixing.parse(m)), fmt, r.select, rho, p)
         valid[m] = {
             "bleu": g["bleu"],
             "chrf": g["chrf"],

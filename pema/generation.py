@@ -53,6 +53,23 @@ class Mixing:
     lambda_max: float = 0.9
     schedule: str = "gu"
 
+    @classmethod
+    def parse(cls, tag: str) -> Mixing:
+        """`gu-0.9` or `constant-0.5`: the schedule and λ (λ_max for GU)."""
+        schedule, _, lam = tag.partition("-")
+        try:
+            mixing = cls(float(lam), schedule)
+        except ValueError:
+            raise PemaError(f"not a mixing (e.g. gu-0.9): {tag!r}") from None
+        if schedule not in ("gu", "constant") or not 0 < mixing.lambda_max <= 1:
+            raise PemaError(f"not a mixing (e.g. gu-0.9): {tag!r}")
+        return mixing
+
+    @property
+    def tag(self) -> str:
+        """The inverse of parse."""
+        return f"{self.schedule}-{self.lambda_max}"
+
     def lam(self, t: int, length: int) -> float:
         if self.schedule == "constant":
             return self.lambda_max
