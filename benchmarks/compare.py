@@ -329,7 +329,7 @@ def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
         "served_params": sum(t.numel() for t in adapter.inference_state().values()),
         "privacy": report.privacy,
         "valid_memory": {k: round(v, 4) for k, v in report.valid.items()},
-        "select": {m: {k: v for k, v in s.items() if k != "outputs"} for m, s in select.items()},
+        "select": select,
         "chosen": chosen,
         "config": {"adapter": asdict(config), "train": asdict(cfg)},
         "test": test,
@@ -391,7 +391,7 @@ def peer_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
         "trainable_params": trainable,
         "served_params": peer.inference_parameter_count(),
         "privacy": report.privacy,
-        "select": {"-": {k: v for k, v in select.items() if k != "outputs"}},
+        "select": {"-": select},
         "config": {"lr": cfg.lr, "batch_size": cfg.batch_size, **method.peer},
         "test": test,
     }
@@ -411,7 +411,7 @@ def baseline_cell(p: Protocol, method: Method) -> dict[str, Any]:
     rho = _rho(fmt, r.train)
     select = _generate(pema_decoder(lm), fmt, r.select, rho, p)
     return {
-        "select": {"-": {k: v for k, v in select.items() if k != "outputs"}},
+        "select": {"-": select},
         "test": _generate(pema_decoder(lm), fmt, r.test, rho, p),
     }
 

@@ -33,7 +33,8 @@ def task_rows(entry: dict[str, Any], refs: list[str]) -> list[dict[str, Any]]:
     cells = entry["cells"]
     _, mismatched = matched(cells)
     untuned = cells.get("untuned", {}).get("test", {}).get("outputs")
-    lora = next((cells[k]["test"]["outputs"] for k in sorted(cells) if k.startswith("lora/")), None)
+    lora_key = next((k for k in sorted(cells) if k.startswith("lora/seed")), None)
+    lora = cells[lora_key]["test"]["outputs"] if lora_key else None
     out = []
     for key, c in cells.items():
         if key in mismatched:

@@ -190,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = json.loads(args.results.read_text()) if args.results.is_file() else {}
     entry = doc.setdefault(args.task, {"protocol": asdict(p), "configs": {}})
     lm, tokenizer = _frozen(p)
+    compare = RESULTS / "compare.json"
+    if "untuned" not in entry and compare.is_file():
+        # The matched harness generated the untuned model on the same valid prefix already.
+        done = json.loads(compare.read_text()).get(args.task, {})
+        if {**asdict(p), **done.get("protocol", {})} == asdict(p) and "untuned" in done.get(
+            "cells", {}
+        ):
+            entry["untuned"] = done["cells"]["untuned"]["select"]["-"]
     if "untuned" not in entry:
         from pema.evaluation import pema_decoder
         from pema.prompts import TASK_TEMPLATES, PromptFormat
