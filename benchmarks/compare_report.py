@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import sacrebleu
 
 from pema.evaluation import paired_bootstrap
 
@@ -46,6 +47,37 @@ def task_rows(entry: dict[str, Any], refs: list[str]) -> list[dict[str, Any]]:
                 row[name] = paired_bootstrap(hyps, base, refs)
         out.append(row)
     return out
+
+
+def error_analysis(outputs: list[str], pairs: list[Any]) -> dict[str, int]:
+    """Where an output loses to copying its source (sentence chrF), why, by counts: run-on
+    (over 1.5x the reference's words), cut short (under half), off the source (most words in
+    neither source nor reference), else substitutions (wording that copying got right)."""
+    chrf = sacrebleu.CHRF()
+    counts = {
+        "rows": len(outputs),
+        "loses_to_copy": 0,
+        "run_on": 0,
+        "cut_short": 0,
+        "off_source": 0,
+        "substitutions": 0,
+    }
+    for out, pair in zip(outputs, pairs, strict=True):
+        ref = [pair.target]
+        if chrf.sentence_score(out, ref).score >= chrf.sentence_score(pair.source, ref).score:
+            continue
+        counts["loses_to_copy"] += 1
+        words, ref_words = out.split(), pair.target.split()
+        known = {w.lower() for w in pair.source.split() + ref_words}
+        if len(words) > 1.5 * len(ref_words):
+            counts["run_on"] += 1
+        elif len(words) < 0.5 * len(ref_words):
+            counts["cut_short"] += 1
+        elif sum(w.lower() not in known for w in words) > len(words) / 2:
+            counts["off_source"] += 1
+        else:
+            counts["substitutions"] += 1
+    return counts
 
 
 def _num(v: Any, spec: str = "") -> str:
@@ -105,8 +137,33 @@ def write_report(doc: dict[str, Any], folder: Path) -> None:
                 f"| {_interval(r['vs_untuned']) if 'vs_untuned' in r else ''} "
                 f"| {_interval(r['vs_lora']) if 'vs_lora' in r else ''} |"
             )
-        missing = [k for k in METHODS if not any(c == k or c.startswith(k + "/")
-                                                  for c in entry["cells"])]  # fmt: skip
+        analysed = [
+            (k, c)
+            for k, c in entry["cells"].items()
+            if "outputs" in next(iter(c.get("select", {}).values()), {})
+        ]
+        if analysed:
+            select_pairs = rows(p).select
+            lines += [
+                "",
+                f"Where outputs lose to copying the source, on the {p.select_pairs} valid.tsv "
+                "prefix rows (sentence chrF below the source's; run-on: over 1.5x the "
+                "reference's words; cut short: under half; off source: most words in neither "
+                "source nor reference; else substitutions):",
+                "",
+                "| cell | rows | lose to copy | run-on | cut short | off source | substitutions |",
+                "|---|---:|---:|---:|---:|---:|---:|",
+            ]
+            for key, c in analysed:
+                chosen = c.get("chosen", "-")
+                e = error_analysis(c["select"][chosen]["outputs"], select_pairs)
+                lines.append(
+                    f"| {key} | {e['rows']} | {e['loses_to_copy']} | {e['run_on']} "
+                    f"| {e['cut_short']} | {e['off_source']} | {e['substitutions']} |"
+                )
+        missing = [
+            k for k in METHODS if not any(c == k or c.startswith(k + "/") for c in entry["cells"])
+        ]
         if missing:
             lines += ["", f"Not run yet: {', '.join(missing)}."]
         lines.append("")
@@ -129,8 +186,13 @@ def plot(task: str, entry: dict[str, Any], path: Path) -> None:
         for name in ("untuned", "copy"):
             if name in cells:
                 ax.axhline(cells[name]["test"]["chrf"], ls="--", lw=0.8, color="grey")
-                ax.annotate(name, (1, cells[name]["test"]["chrf"]), xycoords=("axes fraction", "data"),
-                            fontsize=7, ha="right")  # fmt: skip
+                ax.annotate(
+                    name,
+                    (1, cells[name]["test"]["chrf"]),
+                    xycoords=("axes fraction", "data"),
+                    fontsize=7,
+                    ha="right",
+                )
         ax.set_xscale("log")
         ax.set_xlabel(x_label)
         ax.set_ylabel("test chrF")

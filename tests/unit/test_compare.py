@@ -65,8 +65,16 @@ def harness(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     )
 
 
-METHODS_UNDER_TEST = ["copy", "untuned", "pema", "pema-paper", "pema-mix", "lora", "slash",
-                      "jrwarp-dp8"]  # fmt: skip
+METHODS_UNDER_TEST = [
+    "copy",
+    "untuned",
+    "pema",
+    "pema-paper",
+    "pema-mix",
+    "lora",
+    "slash",
+    "jrwarp-dp8",
+]
 
 
 def test_every_method_gets_the_same_rows_cap_dtype_and_stop_rule(
@@ -113,3 +121,29 @@ def test_paired_bootstrap_interval() -> None:
     assert same == {"delta": 0.0, "low": 0.0, "high": 0.0, "significant": False}
     with pytest.raises(ValueError):
         paired_bootstrap(refs, worse[:3], refs)
+
+
+def test_error_analysis_counts_why_outputs_lose_to_copying() -> None:
+    from benchmarks.compare_report import error_analysis
+    from pema.data import Pair
+
+    pairs = [
+        Pair("And God said unto thee", "And God said to you"),
+        Pair("Let there be light in the firmament", "Let there be lights in the sky"),
+        Pair("He went up into the mountain", "He went up onto the mountain"),
+        Pair("Blessed are the meek", "Blessed are the gentle"),
+    ]
+    outputs = [
+        "het het het het het het het het het het het",  # run-on
+        "Let",  # cut short
+        "Zij ging naar boven op de berg",  # off source
+        "Blessed are the meek",  # as good as copying: not counted
+    ]
+    assert error_analysis(outputs, pairs) == {
+        "rows": 4,
+        "loses_to_copy": 3,
+        "run_on": 1,
+        "cut_short": 1,
+        "off_source": 1,
+        "substitutions": 0,
+    }
