@@ -52,6 +52,14 @@ METHODS: dict[str, Method] = {
     "copy": Method("copy the source", "copy", seeded=False),
     "untuned": Method("untuned model", "untuned", seeded=False),
     "pema": Method("PEMA, shipped default (pema-tenant train)", "pema"),
+    "prior-only": Method(
+        "untuned model + source prior β 3 (no training)",
+        "pema",
+        {"source_prior": 3.0},
+        {"epochs": 0},
+        ("constant-1.0",),
+        seeded=False,
+    ),
     "pema-paper": Method(
         "PEMA, paper recipe (faithful, κ 0.2, r 512, raw keys, GU 0.9)",
         "pema",
@@ -95,7 +103,7 @@ METHODS: dict[str, Method] = {
     "jrwarp-dp3": Method("DP-JR-WARP ε 3", "peer", peer=dict(method="jrwarp", dp_epsilon=3.0)),
 }
 # The order cells run in: the core comparison first, so a cut-short run still has it.
-CORE = ["copy", "untuned", "pema", "lora"]
+CORE = ["copy", "untuned", "pema", "lora", "prior-only"]
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ DP = {**RESIDUAL, "dropout": 0.0}
 DP_TRAIN = {"dp_epsilon": 8.0, "lr": 1e-2, "dp_batch_pairs": 128, "epochs": 4}
 # name -> (adapter settings, train settings, mixings tried on valid)
 CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
-    "residual-r64": (RESIDUAL, {}, ["constant-0.25", "constant-0.5", "gu-0.9", "constant-1.0"]),
+    "residual-r64": (RESIDUAL, {}, ["constant-0.25", "constant-1.0"]),
     "prior3-untrained": ({**RESIDUAL, "source_prior": 3.0}, {"epochs": 0}, ["constant-1.0"]),
     "prior3-r64": (
         {**RESIDUAL, "source_prior": 3.0},
@@ -116,7 +116,7 @@ def run_config(p: Protocol, name: str, lm: Any, tokenizer: Any) -> dict[str, Any
         "epochs_run": sum(x.epochs_run for x in report.phases.values()),
         "train_seconds": round(report.seconds, 1),
         "valid_memory": {k: round(v, 4) for k, v in report.valid.items()},
-        "learned_beta": None if beta is None else round(float(beta), 3),
+        "learned_beta": None if beta is None else round(float(beta.detach()), 3),
         "valid": valid,
     }
 
