@@ -45,6 +45,8 @@ class Method:
     seeded: bool = True
 
 
+# DP rows of PEMA and JR-WARP: the same expected batch of pairs and the same epochs.
+DP_BATCH = 64
 # The paper's PEMA (Kim et al. 2024): two phases, κ 0.2, rank 512, raw keys, GU λ_max 0.9.
 PAPER = dict(variant="faithful", rank=512, key_norm="raw", kappa=0.2, dropout=0.2)
 PAPER_TRAIN = dict(rct_batch_size=20480, batch_size=2048)
@@ -84,8 +86,18 @@ METHODS: dict[str, Method] = {
         "pema",
         dict(mixture=4, mixture_consistency=100.0),
     ),
-    "pema-dp8": Method("DP-PEMA ε 8", "pema", dict(dropout=0.0), dict(dp_epsilon=8.0)),
-    "pema-dp3": Method("DP-PEMA ε 3", "pema", dict(dropout=0.0), dict(dp_epsilon=3.0)),
+    "pema-dp8": Method(
+        f"DP-PEMA ε 8 (Poisson batches of {DP_BATCH} pairs, lr 1e-2, β fixed)",
+        "pema",
+        dict(dropout=0.0),
+        dict(dp_epsilon=8.0, dp_batch_pairs=DP_BATCH, lr=1e-2),
+    ),
+    "pema-dp3": Method(
+        f"DP-PEMA ε 3 (Poisson batches of {DP_BATCH} pairs, lr 1e-2, β fixed)",
+        "pema",
+        dict(dropout=0.0),
+        dict(dp_epsilon=3.0, dp_batch_pairs=DP_BATCH, lr=1e-2),
+    ),
     "lora": Method("LoRA (r 8, α 16, q/v, all blocks)", "peer", peer=dict(method="lora")),
     "lora-top1": Method(
         "LoRA in the top block only (not offsite)", "peer", peer=dict(method="lora", top_layers=1)
@@ -99,8 +111,16 @@ METHODS: dict[str, Method] = {
     ),
     "slash": Method("SLaSh (k 1024)", "peer", peer=dict(method="slash")),
     "jrwarp": Method("JR-WARP (k 1024)", "peer", peer=dict(method="jrwarp")),
-    "jrwarp-dp8": Method("DP-JR-WARP ε 8", "peer", peer=dict(method="jrwarp", dp_epsilon=8.0)),
-    "jrwarp-dp3": Method("DP-JR-WARP ε 3", "peer", peer=dict(method="jrwarp", dp_epsilon=3.0)),
+    "jrwarp-dp8": Method(
+        f"DP-JR-WARP ε 8 (Poisson batches of {DP_BATCH} pairs, lr 1e-2)",
+        "peer",
+        peer=dict(method="jrwarp", dp_epsilon=8.0),
+    ),
+    "jrwarp-dp3": Method(
+        f"DP-JR-WARP ε 3 (Poisson batches of {DP_BATCH} pairs, lr 1e-2)",
+        "peer",
+        peer=dict(method="jrwarp", dp_epsilon=3.0),
+    ),
 }
 # The order cells run in: the core comparison first, so a cut-short run still has it.
 CORE = ["copy", "untuned", "pema", "lora", "prior-only"]
@@ -373,7 +393,8 @@ def peer_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
         peer = AdaMixPeer(model, 8, 16, DEFAULT_TARGETS, 4, settings["consistency"])
     else:
         peer = ShiftPeer(model, name, 1024, seed)
-    cfg = SFTConfig(lr=DEFAULT_LR[name], batch_size=8, epochs=p.max_epochs, seed=seed)
+    batch = DP_BATCH if dp_epsilon is not None else 8
+    cfg = SFTConfig(lr=DEFAULT_LR[name], batch_size=batch, epochs=p.max_epochs, seed=seed)
     pad = pad_id_of(fmt)
     items = encode_pairs(fmt, r.train, p.max_tokens)
     if dp_epsilon is not None:
