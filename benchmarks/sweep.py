@@ -43,6 +43,16 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
         {},
         ["constant-0.5", "constant-0.9", "constant-1.0", "gu-0.9"],
     ),
+    "prior3fixed-r64": (
+        {**RESIDUAL, "source_prior": 3.0},
+        {"learn_source_prior": False},
+        ["constant-1.0"],
+    ),
+    "prior6fixed-r64": (
+        {**RESIDUAL, "source_prior": 6.0},
+        {"learn_source_prior": False},
+        ["constant-1.0"],
+    ),
     "prior1-r64": ({**RESIDUAL, "source_prior": 1.0}, {}, ["constant-0.9", "constant-1.0"]),
     "prior3-r16": ({**RESIDUAL, "source_prior": 3.0, "rank": 16}, {}, ["constant-1.0"]),
     "prior3-r256": ({**RESIDUAL, "source_prior": 3.0, "rank": 256}, {}, ["constant-1.0"]),

@@ -34,6 +34,8 @@ class TrainConfig:
     dp_epsilon: float | None = None
     dp_max_grad_norm: float = 1.0
     dp_batch_pairs: int = 32  # expected pairs per Poisson-sampled batch
+    # Learn the source prior's β (else it stays at AdapterConfig.source_prior, a setting).
+    learn_source_prior: bool = True
 
     def __post_init__(self) -> None:
         for name in ("rct_batch_size", "batch_size", "eval_every", "ce_chunk_size"):
@@ -333,7 +335,9 @@ def train_adapter(
         adapter.B_rct.requires_grad_(False)
         params = [adapter.trainable_A(), adapter.B_pd]
         if adapter.source_beta is not None:
-            params.append(adapter.source_beta)
+            adapter.source_beta.requires_grad_(cfg.learn_source_prior)
+            if cfg.learn_source_prior:
+                params.append(adapter.source_beta)
         reports[2] = _run_phase(
             2, adapter, params, joint_loss, valid,
             train_memory, cfg.batch_size, cfg.epochs, cfg, callback,

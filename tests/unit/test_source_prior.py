@@ -101,3 +101,14 @@ def test_dp_training_keeps_beta_fixed(setup) -> None:
     report = train_adapter(adapter, lm.head(), memory, memory, cfg, sources=(ids, ids))
     assert report.privacy is not None
     assert float(adapter.source_beta) == 2.0  # type: ignore[arg-type]
+
+
+def test_a_fixed_prior_stays_put(setup) -> None:
+    lm, fmt, pairs, memory = setup
+    config = AdapterConfig(hidden_size=32, rank=4, variant="residual", kappa=0.0, source_prior=2.5)
+    adapter = PemaAdapter(config)
+    ids = [fmt.prior_ids(p.source) for p in pairs]
+    cfg = TrainConfig(batch_size=32, epochs=1, eval_every=10**6, lr=1e-2, learn_source_prior=False)
+    train_adapter(adapter, lm.head(), memory, memory, cfg, sources=(ids, ids))
+    assert float(adapter.source_beta.detach()) == 2.5  # type: ignore[union-attr]
+    assert adapter.B_pd.abs().sum() > 0
