@@ -62,6 +62,13 @@ METHODS: dict[str, Method] = {
         ("constant-1.0",),
         seeded=False,
     ),
+    "pema-prior": Method(
+        "PEMA + source prior β 3 fixed (residual r 64, λ 1; beyond the paper)",
+        "pema",
+        {"source_prior": 3.0},
+        {"learn_source_prior": False},
+        ("constant-1.0",),
+    ),
     "pema-paper": Method(
         "PEMA, paper recipe (faithful, κ 0.2, r 512, raw keys, GU 0.9)",
         "pema",
@@ -123,7 +130,7 @@ METHODS: dict[str, Method] = {
     ),
 }
 # The order cells run in: the core comparison first, so a cut-short run still has it.
-CORE = ["copy", "untuned", "pema", "lora", "prior-only"]
+CORE = ["copy", "untuned", "pema", "lora", "prior-only", "pema-prior"]
 
 
 @dataclass(frozen=True)
