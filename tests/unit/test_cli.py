@@ -96,7 +96,7 @@ def _train_args(data: dict[str, Path], train: Path, out: Path, model: Path) -> l
         ("nocolumn", "target"),
         ("empty", "no data rows"),
         ("malformed", "malformed row"),
-        ("long", "limit of 64"),
+        ("long", "long.tsv:2: 89 tokens (prompt + target) exceed the model's limit of 64"),
         ("no-model", "not a Hugging Face model folder"),
     ],
 )
