@@ -247,7 +247,7 @@ def evaluate_job(
                 progress=_advance(bar),
             )
         s = score(base, refs)
-        result.update(zero_shot_bleu=s["bleu"], zero_shot_chrf=s["chrf"], zero_shot_outputs=base)
+        result.update(untuned_bleu=s["bleu"], untuned_chrf=s["chrf"], untuned_outputs=base)
     with tqdm(total=len(pairs), desc="generating (PEMA)", unit="pair", disable=quiet) as bar:
         hyps = translate(
             backend.backbone,

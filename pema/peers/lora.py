@@ -13,9 +13,8 @@ from transformers import PreTrainedModel
 
 from pema.errors import PemaError
 from pema.peers.sft import IGNORE, Batch, HFPeer, target_loss
+from pema.settings import DEFAULT_TARGETS
 from pema.training import symmetric_kl
-
-DEFAULT_TARGETS = ("q_proj", "v_proj")  # the LoRA paper's choice; configurable everywhere
 
 
 def lora_peer(
