@@ -65,6 +65,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or action.default is False:
             return action.help
+        if isinstance(action.default, str) and "\n" in action.default:
+            return f"{action.help} (default: %(default)r)"  # the line break shown as \n
         return super()._get_help_string(action)
 
 

@@ -41,7 +41,10 @@ def lora_peer(
         bias="none",
         layers_to_transform=layers,
     )
-    return HFPeer(get_peft_model(model, config), model.config)
+    try:
+        return HFPeer(get_peft_model(model, config), model.config)
+    except ValueError as e:  # peft's NoMatchingPeftModuleError is one, with a paragraph of text
+        raise PemaError(f"--targets {','.join(targets)}: no such module in the model") from e
 
 
 def full_peer(model: PreTrainedModel) -> HFPeer:

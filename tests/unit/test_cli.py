@@ -313,7 +313,8 @@ def test_every_flag_has_help_and_shows_its_default(module: str) -> None:
         for action in p._actions:
             shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
             if shown and action.dest not in ("help", "version"):
-                assert f"(default: {action.default})" in " ".join(text.split()), (
+                default = repr(action.default) if "\n" in str(action.default) else action.default
+                assert f"(default: {default})" in " ".join(text.split()), (
                     p.prog,
                     action.dest,
                 )
