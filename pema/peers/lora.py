@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -42,7 +43,15 @@ def lora_peer(
         layers_to_transform=layers,
     )
     try:
-        return HFPeer(get_peft_model(model, config), model.config)
+        with warnings.catch_warnings():
+            # peft probes the deprecated `is_gradient_checkpointing` property of transformers 5,
+            # which warns on every run; the probe is peft's, not ours, and harmless.
+            warnings.filterwarnings(
+                "ignore",
+                message="`is_gradient_checkpointing` is deprecated",
+                category=FutureWarning,
+            )
+            return HFPeer(get_peft_model(model, config), model.config)
     except ValueError as e:  # peft's NoMatchingPeftModuleError is one, with a paragraph of text
         raise PemaError(f"--targets {','.join(targets)}: no such module in the model") from e
 
