@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import logging
 import secrets
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -145,9 +147,36 @@ def reload_tenants(server: CoordinatorServer, path: Path | None) -> None:
         log.error("tenants not reloaded, keeping the previous ones: %s", e)
 
 
+def check_port_free(host: str, port_number: int) -> None:
+    """Refuse a port in use before loading the model (seconds), in one line; gRPC would print a
+    C-core log line of its own. The server's bind (SO_REUSEPORT off) still guards the race."""
+    if port_number == 0:
+        return
+    name = host.strip("[]") or None
+    try:
+        addresses = socket.getaddrinfo(name, port_number, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise PemaError(f"cannot listen on {host}:{port_number}: {e.strerror or e}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "[::]" takes v4 too
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise PemaError(
+                        f"cannot listen on {host}:{port_number}: the port is in use "
+                        "(another coordinator?)"
+                    ) from None
+                raise PemaError(f"cannot listen on {host}:{port_number}: {e.strerror}") from None
+
+
 def serve(config: CoordinatorConfig, tenants_path: Path | None) -> int:
     from coordinator.server import CoordinatorServer  # loads torch: not needed for hash-token
 
+    check_port_free(config.host, config.port)
     server = CoordinatorServer(config)
     stop = threading.Event()
     reload = threading.Event()
