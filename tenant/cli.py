@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING
 
 # Only light modules here: arguments are parsed and checked before torch and transformers load
 # (seconds), so --help and every usage error answer at once.
-from pema.argtypes import add_subparsers, new_parser, non_empty_text, positive_int
+from pema.argtypes import (
+    add_subparsers,
+    new_parser,
+    non_empty_text,
+    non_negative_float,
+    positive_int,
+)
 from pema.data import read_pairs
 from pema.errors import PemaError
 from pema.settings import (
@@ -71,6 +77,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
     p.add_argument("--tls-key", type=Path, default=None, help="client key (mutual TLS)")
+    p.add_argument(
+        "--coordinator-retry-seconds",
+        type=non_negative_float,
+        default=120.0,
+        help="keep retrying an unavailable coordinator (a restart) this long; 0: fail at once",
+    )
 
 
 def _backend(args: argparse.Namespace) -> Backend:
@@ -87,7 +99,9 @@ def _backend(args: argparse.Namespace) -> Backend:
         raise PemaError("--coordinator needs --token (or PEMA_TOKEN)")
     use_tls = args.tls_ca or args.tls_cert or args.tls_key
     tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key) if use_tls else None
-    return coordinator_backend(args.coordinator, token, tls)
+    return coordinator_backend(
+        args.coordinator, token, tls, retry_seconds=args.coordinator_retry_seconds
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

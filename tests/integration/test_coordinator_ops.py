@@ -6,22 +6,32 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+import torch
+from tiny_model import KJV
 
 from coordinator.config import ConfigError, CoordinatorConfig, Tenant, hash_token
 from coordinator.server import CoordinatorServer, load_model
+from pema.data import read_pairs
+from pema.memory import Memory, build_memory, memory_spec
+from pema.prompts import PromptFormat
+from pema.settings import MemoryMode
+from tenant.backend import local_backend
 from tenant.coordinator_client import (
     ClientConfig,
     CoordinatorBackbone,
     CoordinatorClient,
     CoordinatorError,
 )
+from tenant.memory_store import DiskMemoryStore
 
 OLD, NEW, BETA = "old-token-of-alpha", "new-token-of-alpha", "token-of-beta"
 
@@ -60,7 +70,7 @@ class Served:
         return line
 
     def client(self, address: str, token: str) -> CoordinatorClient:
-        c = CoordinatorClient(ClientConfig(address, token, decode_dtype="float32", retries=0))
+        c = CoordinatorClient(ClientConfig(address, token, decode_dtype="float32", retry_seconds=0))
         self.clients.append(c)
         return c
 
@@ -161,3 +171,73 @@ def test_sighup_reloads_tenants_and_rotates_tokens_without_dropping_sessions(
     s.close()
     assert s.proc.stderr is not None
     assert "unknown key tenant_defaults" in s.proc.stderr.read()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_memory_build_survives_a_coordinator_restart(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Kill -9 the coordinator in the middle of an Encode stream, start a new one on the same
+    port: the tenant's build waits (retry budget), resumes with the items not yet returned, and
+    completes with the same memory as a build in this process."""
+    port = _free_port()
+    tenants = write_tenants(tmp_path / "tenants.json", {"alpha": [OLD]})
+    first = Served(tiny_model_dir, tenants, port)
+    second: Served | None = None
+    try:
+        first.wait_line("listening on port")
+        client = CoordinatorClient(
+            ClientConfig(
+                f"127.0.0.1:{port}", OLD, decode_dtype="float32", retry_seconds=600,
+                max_request_items=4,
+            )
+        )  # fmt: skip
+        first.clients.append(client)
+        remote = CoordinatorBackbone(client, tmp_path / "cache")
+        fmt = PromptFormat(remote.tokenizer())
+        pairs = read_pairs(KJV / "train.tsv", 24)
+        items = fmt.items(pairs)
+        spec = memory_spec(remote.info, pairs, fmt.template, MemoryMode.TEACHER_FORCED)
+        store = DiskMemoryStore(tmp_path / "memories", shard_pairs=8)
+        seen = [0]
+        reached, killed = threading.Event(), threading.Event()
+
+        def progress(n: int) -> None:
+            seen[0] += n
+            if seen[0] == 10:  # inside the third request of 4 items, in the second shard
+                reached.set()
+                killed.wait(60)  # the stream stays open while the server dies
+
+        built: list[Memory] = []
+
+        def build() -> None:
+            built.append(
+                store.build(
+                    "alpha", spec, len(items),
+                    lambda lo, hi: build_memory(remote, items[lo:hi], spec, progress),
+                )
+            )  # fmt: skip
+
+        worker = threading.Thread(target=build)
+        worker.start()
+        assert reached.wait(60)
+        first.proc.kill()
+        first.proc.wait()
+        killed.set()
+        second = Served(tiny_model_dir, tenants, port)
+        second.wait_line("listening on port")
+        worker.join(600)  # seconds on a quiet machine; minutes when the cores are shared
+        assert not worker.is_alive() and len(built) == 1
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+    local = local_backend(tiny_model_dir, torch.float32).backbone
+    expected = build_memory(local, items, spec)
+    memory = built[0]
+    assert memory.n_pairs == 24 and torch.equal(memory.targets, expected.targets)
+    torch.testing.assert_close(memory.keys.float(), expected.keys.float(), atol=2e-3, rtol=1e-2)
+    assert store.get("alpha", spec) is not None
