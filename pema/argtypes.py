@@ -3,46 +3,39 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _number(
+    cast: Callable[[str], Any], kind: str, ok: Callable[[Any], bool], rule: str
+) -> Callable[[str], Any]:
+    """An argparse type: `cast` the text, then require `ok` (nan fails every comparison)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
+positive_int: Callable[[str], int] = _number(
+    int, "an integer", lambda v: v >= 1, "must be at least 1"
+)
+positive_float: Callable[[str], float] = _number(
+    float, "a number", lambda v: v > 0, "must be positive"
+)
+non_negative_int: Callable[[str], int] = _number(
+    int, "an integer", lambda v: v >= 0, "must not be negative"
+)
+non_negative_float: Callable[[str], float] = _number(
+    float, "a number", lambda v: v >= 0, "must not be negative"
+)
 
 
 def port(text: str) -> int:
@@ -80,23 +73,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line (`prog: error: …; see --help`), exit 2: the usage block would
+    bury the one line that matters."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def new_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
-    """A top-level parser with the shared help formatter and `--version`."""
+    """A top-level parser with the shared help formatter, one-line errors and `--version`."""
     from pema.settings import version
 
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=HelpFormatter
-    )
+    parser = Parser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     return parser
 
 
 def add_subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    """Subcommands that inherit the help formatter."""
-    return parser.add_subparsers(dest="command", required=True, parser_class=_SubParser)
-
-
-class _SubParser(argparse.ArgumentParser):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    """Subcommands that inherit the help formatter and the one-line errors."""
+    return parser.add_subparsers(dest="command", required=True, parser_class=Parser)

@@ -347,8 +347,8 @@ def test_usage_errors_are_one_line_exit_2(module: str, argv: list[str], expected
     status, heavy, _, stderr = parse_in_fresh_process(module, argv)
     assert (status, heavy) == (2, [])
     assert "Traceback" not in stderr
-    last = stderr.strip().splitlines()[-1]
-    assert "error:" in last and expected in last, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and expected in lines[0], stderr
 
 
 def test_out_is_not_overwritten_without_force(
