@@ -46,7 +46,7 @@ def test_trained_adapter_beats_untuned_model_on_chrf(tmp_path: Path) -> None:
         "--quiet",
     )  # fmt: skip
     assert train.returncode == 0, train.stderr
-    config = json.loads((out / "adapter.json").read_text())
+    config = json.loads((out / "adapter_config.json").read_text())
     assert config["training"]["train_pairs"] == 400
     assert config["training"]["valid"]["top1"] > config["training"]["valid"]["model_top1"]
 
