@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tokens = {f"t{i}": f"bench-token-{i}" for i in range(max(TENANT_COUNTS))}
     config = CoordinatorConfig(
-        tenants=tuple(Tenant(t, hash_token(tok)) for t, tok in tokens.items()),
+        tenants=tuple(Tenant(t, (hash_token(tok),)) for t, tok in tokens.items()),
         dtype="auto",
         host="127.0.0.1",
         port=0,

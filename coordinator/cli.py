@@ -3,51 +3,116 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import getpass
 import logging
+import secrets
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
+# Only light modules here: arguments are parsed and checked before torch loads (seconds).
 from coordinator.config import CoordinatorConfig, TlsConfig, hash_token, load_tenants
+from pema.argtypes import add_subparsers, log_level, new_parser, port, positive_int
 from pema.errors import PemaError
+from pema.settings import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from coordinator.server import CoordinatorServer
+
+log = logging.getLogger(__name__)
+
+
+def metrics_port(text: str) -> int:
+    return -1 if text.strip() == "-1" else port(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pema-coordinator", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve the frozen model")
-    s.add_argument("--model", type=Path, default=None, help="HF model folder (default: SmolLM2)")
+    parser = new_parser("pema-coordinator", __doc__)
+    sub = add_subparsers(parser)
+    s = sub.add_parser(
+        "serve",
+        help="serve the frozen model",
+        description="Serve the frozen model over gRPC. SIGHUP reloads the tenants file (tokens, "
+        "limits, tenants added or removed) without dropping live sessions; SIGTERM drains.",
+    )
+    s.add_argument(
+        "--model", type=Path, default=None, help="HF model folder (default: SmolLM2-135M-Instruct)"
+    )
     s.add_argument(
         "--dtype",
         default=None,
-        choices=["auto", "bfloat16", "float32", "float16"],
+        choices=DTYPE_NAMES,
         help="forward dtype (default: $PEMA_DTYPE, else auto: the faster of bf16 and fp32 here)",
     )
-    s.add_argument("--host", default="[::]")
-    s.add_argument("--port", type=int, default=50051)
-    s.add_argument("--metrics-host", default="0.0.0.0")
-    s.add_argument("--metrics-port", type=int, default=9100, help="-1 disables /metrics")
+    s.add_argument("--host", default="[::]", help="gRPC listen address")
+    s.add_argument("--port", type=port, default=50051, help="gRPC port (0: any free port)")
+    s.add_argument("--metrics-host", default="0.0.0.0", help="Prometheus /metrics address")
     s.add_argument(
-        "--tenants", type=Path, default=None, help="tenants JSON/TOML (else the env variable)"
+        "--metrics-port", type=metrics_port, default=9100, help="/metrics port; -1 disables it"
     )
-    s.add_argument("--tls-cert", type=Path, default=None)
-    s.add_argument("--tls-key", type=Path, default=None)
-    s.add_argument("--tls-client-ca", type=Path, default=None, help="require client certs (mTLS)")
-    s.add_argument("--max-batch-tokens", type=int, default=4096)
-    s.add_argument("--max-queued-tokens", type=int, default=262144)
-    s.add_argument("--max-message-bytes", type=int, default=8 << 20)
-    s.add_argument("--grace-seconds", type=float, default=30.0)
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    s.add_argument("--log-level", default="INFO")
-    h = sub.add_parser("hash-token", help="print the sha256 of a token for the tenants file")
-    h.add_argument("token")
+    s.add_argument(
+        "--tenants",
+        type=Path,
+        default=None,
+        help="tenants JSON/TOML, reloaded on SIGHUP (default: $PEMA_COORDINATOR_TENANTS)",
+    )
+    s.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM)")
+    s.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    s.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="require client certificates signed by this CA (mTLS)",
+    )
+    s.add_argument(
+        "--max-batch-tokens",
+        type=positive_int,
+        default=4096,
+        help="rows x longest row of one encode forward pass",
+    )
+    s.add_argument(
+        "--max-queued-tokens",
+        type=positive_int,
+        default=262144,
+        help="queued tokens across tenants beyond which new work is UNAVAILABLE",
+    )
+    s.add_argument(
+        "--max-message-bytes",
+        type=positive_int,
+        default=8 << 20,
+        help="a larger request is INVALID_ARGUMENT",
+    )
+    s.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=30.0,
+        help="SIGTERM: how long in-flight calls get to finish",
+    )
+    s.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    s.add_argument("--log-level", type=log_level, default="INFO", help="logging level")
+    h = sub.add_parser(
+        "hash-token",
+        help="print the sha256 of a token for the tenants file",
+        description="Reads the token from stdin (a prompt without echo on a terminal), so that "
+        "it never appears in shell history or `ps`; --generate makes a new one.",
+    )
+    h.add_argument(
+        "--generate",
+        action="store_true",
+        help="make a random token: prints the token, then its digest, one per line",
+    )
     pm = sub.add_parser(
         "provision-model", help="convert the default model into a cache folder; print its path"
     )
-    pm.add_argument("--cache-dir", type=Path, default=None, help="default: $PEMA_CACHE_DIR")
+    pm.add_argument("--cache-dir", type=Path, default=None, help="where (default: $PEMA_CACHE_DIR)")
     return parser
 
 
@@ -74,25 +139,73 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     )
 
 
-def serve(config: CoordinatorConfig) -> int:
+def reload_tenants(server: CoordinatorServer, path: Path | None) -> None:
+    """SIGHUP: read the tenants again; a bad file is logged and the running tenants stay."""
+    try:
+        server.reload_tenants(load_tenants(path))
+    except PemaError as e:
+        log.error("tenants not reloaded, keeping the previous ones: %s", e)
+
+
+def check_port_free(host: str, port_number: int) -> None:
+    """Refuse a port in use before loading the model (seconds), in one line; gRPC would print a
+    C-core log line of its own. The server's bind (SO_REUSEPORT off) still guards the race."""
+    if port_number == 0:
+        return
+    name = host.strip("[]") or None
+    try:
+        addresses = socket.getaddrinfo(name, port_number, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise PemaError(f"cannot listen on {host}:{port_number}: {e.strerror or e}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "[::]" takes v4 too
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise PemaError(
+                        f"cannot listen on {host}:{port_number}: the port is in use "
+                        "(another coordinator?)"
+                    ) from None
+                raise PemaError(f"cannot listen on {host}:{port_number}: {e.strerror}") from None
+
+
+def serve(config: CoordinatorConfig, tenants_path: Path | None) -> int:
     from coordinator.server import CoordinatorServer  # loads torch: not needed for hash-token
 
+    check_port_free(config.host, config.port)
     server = CoordinatorServer(config)
     stop = threading.Event()
+    reload = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
+    def on_stop(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        reload.set()
+        stop.set()  # wakes the loop below, which tells the two apart
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hangup)
     server.start()
     # Printed for scripts and tests that start the server on port 0.
     print(
         f"pema-coordinator: listening on port {server.port}, metrics {server.metrics_port}",
         flush=True,
     )
-    stop.wait()
-    logging.getLogger(__name__).info("signal received: draining")
+    while True:
+        stop.wait()
+        if not reload.is_set():
+            break
+        reload.clear()
+        stop.clear()
+        reload_tenants(server, tenants_path)
+        print("pema-coordinator: tenants reloaded", flush=True)
+    log.info("signal received: draining")
     server.stop()
     return 0
 
@@ -101,26 +214,41 @@ def provision_model(cache: Path | None) -> int:
     """Fill a volume with the default model (a Kubernetes init step); idempotent."""
     from pema.models import default_model_dir  # loads torch
 
-    try:
-        print(default_model_dir(cache), flush=True)
-    except PemaError as e:
-        print(f"pema-coordinator: error: {e}", file=sys.stderr)
-        return 2
+    print(default_model_dir(cache), flush=True)
+    return 0
+
+
+def read_token() -> str:
+    if sys.stdin.isatty():
+        token = getpass.getpass("token: ")
+    else:
+        token = sys.stdin.readline().rstrip("\r\n")
+    if not token.strip():
+        raise PemaError("hash-token: no token on stdin (or pass --generate)")
+    return token
+
+
+def hash_token_command(generate: bool) -> int:
+    if generate:
+        token = secrets.token_urlsafe(32)
+        print(token)
+    else:
+        token = read_token()
+    print(hash_token(token))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "hash-token":
-        print(hash_token(args.token))
-        return 0
-    if args.command == "provision-model":
-        return provision_model(args.cache_dir)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
-        return serve(config_from_args(args))
+        if args.command == "hash-token":
+            return hash_token_command(args.generate)
+        if args.command == "provision-model":
+            return provision_model(args.cache_dir)
+        logging.basicConfig(
+            level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        return serve(config_from_args(args), args.tenants)
     except PemaError as e:
         print(f"pema-coordinator: error: {e}", file=sys.stderr)
         return 2

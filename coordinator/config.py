@@ -1,13 +1,15 @@
 """The coordinator's configuration: one dataclass, validated at construction.
 
 Tenants come from a JSON or TOML file (`--tenants`) or the PEMA_COORDINATOR_TENANTS environment
-variable (the same JSON). Tokens are stored only as SHA-256 hex digests:
+variable (the same JSON), validated by pydantic: unknown keys are errors, never ignored. Tokens are
+stored only as SHA-256 hex digests; a tenant may hold several at once (a token rotation: add the
+new digest, hand out the new token, drop the old digest; `kill -HUP` reloads the file):
 
-    {"tenants": [{"id": "acme", "token_sha256": "<hex>",
+    {"tenants": [{"id": "acme", "token_sha256": "<hex>" | ["<hex>", "<hex>"],
                   "limits": {"max_concurrent_calls": 8, "max_tokens_in_flight": 65536,
                              "max_sequence_length": 2048, "max_decode_sessions": 4}}]}
 
-`pema-coordinator hash-token TOKEN` prints the digest to put there.
+`pema-coordinator hash-token` reads a token on stdin (or makes one) and prints the digest.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pema.dtypes import DTYPES
+from pydantic import ConfigDict, TypeAdapter, ValidationError, field_validator
+from pydantic.dataclasses import dataclass as validated_dataclass
+
 from pema.errors import PemaError
+from pema.settings import DTYPE_NAMES
 
 TENANTS_ENV = "PEMA_COORDINATOR_TENANTS"
 # Tenant ids become Prometheus label values and log fields: keep them short and plain.
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class ConfigError(PemaError):
@@ -37,7 +43,7 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
+@validated_dataclass(frozen=True, config=_STRICT)
 class TenantLimits:
     max_concurrent_calls: int = 8
     max_tokens_in_flight: int = 65536
@@ -50,33 +56,73 @@ class TenantLimits:
                 raise ConfigError(f"tenant limit {name} must be a positive integer, got {value!r}")
 
 
-@dataclass(frozen=True)
+@validated_dataclass(frozen=True, config=_STRICT)
 class Tenant:
     id: str
-    token_sha256: str
+    # One digest, or several during a token rotation (each one authenticates the tenant).
+    token_sha256: tuple[str, ...]
     limits: TenantLimits = field(default_factory=TenantLimits)
+
+    @field_validator("token_sha256", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return (value,)
+        return tuple(value) if isinstance(value, list) else value
 
     def __post_init__(self) -> None:
         if not TENANT_ID.match(self.id):
             raise ConfigError(f"tenant id {self.id!r} must match {TENANT_ID.pattern}")
-        if not re.fullmatch(r"[0-9a-f]{64}", self.token_sha256):
-            raise ConfigError(f"tenant {self.id}: token_sha256 must be 64 lowercase hex digits")
+        if not self.token_sha256:
+            raise ConfigError(f"tenant {self.id}: token_sha256 lists no digest")
+        for digest in self.token_sha256:
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ConfigError(
+                    f"tenant {self.id}: token_sha256 must be 64 lowercase hex digits "
+                    "(pema-coordinator hash-token prints one)"
+                )
+
+
+@validated_dataclass(frozen=True, config=_STRICT)
+class TenantsFile:
+    tenants: tuple[Tenant, ...]
+
+
+_TENANTS_FILE = TypeAdapter(TenantsFile)
+
+
+def _first_error(e: ValidationError) -> str:
+    """pydantic's first complaint as one line: where (tenants.1.limits.max_calls) and what."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "top level"
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"unknown key {where}"
+    if err["type"] == "missing":
+        return f"missing key {where}"
+    return f"{where}: {err['msg']} (got {err.get('input')!r})"
 
 
 def parse_tenants(data: Any, source: str) -> tuple[Tenant, ...]:
     try:
-        entries = data["tenants"]
-        tenants = tuple(
-            Tenant(
-                id=e["id"],
-                token_sha256=e["token_sha256"],
-                limits=TenantLimits(**e.get("limits", {})),
-            )
-            for e in entries
-        )
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"{source}: malformed tenants ({type(e).__name__}: {e})") from None
-    return tenants
+        # JSON input mode: lists are accepted where tuples are declared.
+        parsed = _TENANTS_FILE.validate_python(data, strict=False)
+        check_tenants(parsed.tenants)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_first_error(e)}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return parsed.tenants
+
+
+def check_tenants(tenants: tuple[Tenant, ...]) -> None:
+    if not tenants:
+        raise ConfigError("at least one tenant is required")
+    ids = [t.id for t in tenants]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"duplicate tenant ids in {ids}")
+    hashes = [h for t in tenants for h in t.token_sha256]
+    if len(set(hashes)) != len(hashes):
+        raise ConfigError("two tenants (or one tenant twice) share a token")
 
 
 def load_tenants(path: Path | None) -> tuple[Tenant, ...]:
@@ -130,16 +176,9 @@ class CoordinatorConfig:
     threads: int | None = None  # torch CPU threads of the model worker
 
     def __post_init__(self) -> None:
-        if not self.tenants:
-            raise ConfigError("at least one tenant is required")
-        ids = [t.id for t in self.tenants]
-        if len(set(ids)) != len(ids):
-            raise ConfigError(f"duplicate tenant ids in {ids}")
-        hashes = [t.token_sha256 for t in self.tenants]
-        if len(set(hashes)) != len(hashes):
-            raise ConfigError("two tenants share a token")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        check_tenants(self.tenants)
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port {self.port} out of range")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:

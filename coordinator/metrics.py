@@ -67,6 +67,13 @@ class Metrics:
         for t in sorted(self.tenants):
             self.active_sessions.labels(t).set(0)
 
+    def add_tenants(self, tenants: Iterable[str]) -> None:
+        """Register tenants added by a reload (label values stay bounded by the tenants file)."""
+        new = frozenset(tenants) - self.tenants
+        self.tenants |= new
+        for t in sorted(new):
+            self.active_sessions.labels(t).set(0)
+
     def tenant(self, tenant_id: str | None) -> str:
         """The label value for a tenant: only registered ids, never client-chosen text."""
         return tenant_id if tenant_id in self.tenants else NO_TENANT

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import ConfigError, CoordinatorConfig, Tenant
 from coordinator.metrics import Metrics
 from coordinator.service import SERVICE_NAME, CoordinatorService
 from coordinator.worker import ModelWorker
@@ -74,6 +74,9 @@ class CoordinatorServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", 64 << 20),
+                # gRPC sets SO_REUSEPORT by default: a second server on a busy port would "start"
+                # and silently share its traffic. Off, binding a port in use fails.
+                ("grpc.so_reuseport", 0),
             ],
         )
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
@@ -105,9 +108,15 @@ class CoordinatorServer:
         return self.server.add_secure_port(address, credentials)
 
     def start(self) -> None:
-        self.port = self._bind()
+        try:
+            self.port = self._bind()
+        except RuntimeError:  # grpc raises it when the address cannot be bound
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+            raise ConfigError(
+                f"cannot listen on {self.config.host}:{self.config.port}: "
+                "the port is in use (or the address is not this machine's)"
+            )
         if self.config.metrics_port is not None:
             self._metrics_http, _ = start_http_server(
                 self.config.metrics_port, self.config.metrics_host, self.metrics.registry
@@ -126,6 +135,11 @@ class CoordinatorServer:
             self.port,
             self.metrics_port,
         )
+
+    def reload_tenants(self, tenants: tuple[Tenant, ...]) -> None:
+        self.metrics.add_tenants(t.id for t in tenants)
+        self.service.reload_tenants(tenants)
+        log.info("tenants reloaded: %s", ", ".join(t.id for t in tenants))
 
     def _sweep(self) -> None:
         while not self._stopped.wait(SESSION_SWEEP_SECONDS):

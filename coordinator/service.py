@@ -83,7 +83,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.tokenizer_files = tokenizer_files
         self.worker = worker
         self.metrics = metrics
-        self._by_hash = {t.token_sha256: t for t in config.tenants}
+        self._by_hash = {h: t for t in config.tenants for h in t.token_sha256}
         self._state = {t.id: TenantState(t) for t in config.tenants}
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
@@ -92,6 +92,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self._max_calls = max(1, config.rpc_threads - 4)
         self._head_chunks: list[pb.HeadChunk] | None = None
         self._head_lock = threading.Lock()
+
+    def reload_tenants(self, tenants: tuple[Tenant, ...]) -> None:
+        """Swap the tenant registry (SIGHUP): new tokens and limits apply to new calls; calls and
+        decode sessions in flight continue, also those of a tenant that was removed."""
+        with self._lock:
+            self.config = self.config.with_(tenants=tenants)
+            self._by_hash = {h: t for t in tenants for h in t.token_sha256}
+            for t in tenants:
+                if t.id in self._state:
+                    self._state[t.id].tenant = t
+                else:
+                    self._state[t.id] = TenantState(t)
 
     # -- the frame around every call ------------------------------------------------------------
 

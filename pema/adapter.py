@@ -18,12 +18,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pema.errors import AdapterError
-
-VARIANTS = ("faithful", "residual")
-KEY_NORMS = ("raw", "rms")
-SCHEDULES = ("gu", "constant")
-WEIGHTS_FILE = "adapter.safetensors"
-CONFIG_FILE = "adapter.json"
+from pema.settings import ADAPTER_CONFIG as CONFIG_FILE
+from pema.settings import (
+    ADAPTER_FORMAT_VERSION,
+    KEY_NORMS,
+    LEGACY_ADAPTER_FILES,
+    SCHEDULES,
+    VARIANTS,
+)
+from pema.settings import ADAPTER_WEIGHTS as WEIGHTS_FILE
 
 
 @dataclass(frozen=True)
@@ -199,10 +202,34 @@ def count_parameters(adapter: PemaAdapter) -> dict[str, int]:
     return {name: p.numel() for name, p in adapter.named_parameters()}
 
 
+# Folder and files of a saved adapter: private to the tenant (its weights never leave its
+# machine), and the same mode whichever library wrote the file.
+DIR_MODE, FILE_MODE = 0o700, 0o600
+
+
+def adapter_document(config: AdapterConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """adapter_config.json: peft's field names where they mean the same (r, lora_alpha,
+    lora_dropout, revision, task_type), the whole PEMA config under "pema", then `extra`."""
+    own = {
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "peft_type": "PEMA",
+        "task_type": "CAUSAL_LM",
+        "revision": config.model_revision,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "inference_mode": True,
+        "pema": asdict(config),
+    }
+    return {**own, **{k: v for k, v in (extra or {}).items() if k not in own}}
+
+
 def save_adapter(
     adapter: PemaAdapter, out_dir: str | Path, extra: dict[str, Any] | None = None
 ) -> Path:
-    """Write weights (safetensors) + config (JSON) to out_dir atomically: all or nothing."""
+    """Write weights (safetensors, with the format version and model revision in its metadata)
+    + adapter_config.json to out_dir atomically: all or nothing. Replaces an existing adapter
+    (callers that must not overwrite check first)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -212,9 +239,17 @@ def save_adapter(
         tensors = {
             k: v.detach().contiguous() for k, v in adapter.state_dict().items() if k != "A_mix"
         }
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        doc = {"config": asdict(adapter.config), **(extra or {})}
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        metadata = {
+            "format": "pt",
+            "pema_format_version": str(ADAPTER_FORMAT_VERSION),
+            "model_revision": adapter.config.model_revision,
+        }
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        doc = adapter_document(adapter.config, extra)
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        for f in tmp.iterdir():
+            f.chmod(FILE_MODE)
+        tmp.chmod(DIR_MODE)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -229,22 +264,51 @@ def save_adapter(
     return out
 
 
+def adapter_files(path: Path) -> tuple[Path, Path, int] | None:
+    """(config, weights, format version) of the adapter in `path`, or None if it holds none.
+    Version 1 is the earlier layout (adapter.json + adapter.safetensors), still readable."""
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        return path / CONFIG_FILE, path / WEIGHTS_FILE, ADAPTER_FORMAT_VERSION
+    legacy_cfg, legacy_weights = (path / name for name in LEGACY_ADAPTER_FILES)
+    if legacy_cfg.is_file() and legacy_weights.is_file():
+        return legacy_cfg, legacy_weights, 1
+    return None
+
+
+def read_adapter_document(path: Path) -> tuple[dict[str, Any], AdapterConfig, Path]:
+    """The config document, the AdapterConfig and the weights file of an adapter folder, read
+    without loading weights (for `pema-tenant adapters`)."""
+    found = adapter_files(path)
+    if found is None:
+        raise AdapterError(
+            f"{path}: not an adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
+    cfg_file, weights_file, version = found
+    try:
+        doc = json.loads(cfg_file.read_text())
+        stored = doc.get("format_version", 1)
+        if stored > ADAPTER_FORMAT_VERSION:
+            raise AdapterError(
+                f"{path}: adapter format {stored} is newer than this version of pema reads "
+                f"({ADAPTER_FORMAT_VERSION}): upgrade pema-service"
+            )
+        fields_doc = doc["pema"] if version >= 2 else doc["config"]
+        known = {f.name for f in fields(AdapterConfig)}
+        config = AdapterConfig(**{k: v for k, v in fields_doc.items() if k in known})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise AdapterError(f"{path}: unreadable adapter ({e})") from None
+    return doc, config, weights_file
+
+
 def load_adapter(
     path: str | Path, model_revision: str | None = None
 ) -> tuple[PemaAdapter, dict[str, Any]]:
     """Load an adapter; refuses one trained on another model revision than `model_revision`."""
     path = Path(path)
-    cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not cfg_file.is_file() or not weights_file.is_file():
-        raise AdapterError(
-            f"{path}: not an adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
-        )
+    doc, config, weights_file = read_adapter_document(path)
     try:
-        doc = json.loads(cfg_file.read_text())
-        known = {f.name for f in fields(AdapterConfig)}
-        config = AdapterConfig(**{k: v for k, v in doc["config"].items() if k in known})
         tensors = load_file(str(weights_file))
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+    except (OSError, SafetensorError) as e:
         raise AdapterError(f"{path}: unreadable adapter ({e})") from None
     if model_revision is not None and config.model_revision != model_revision:
         raise AdapterError(

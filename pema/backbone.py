@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol
 
 import torch
@@ -18,11 +17,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from pema.errors import DataError, ModelError
 from pema.head import HeadSpec, LMHead, find_final_norm
-
-
-class MemoryMode(StrEnum):
-    FREE_RUNNING = "free-running"
-    TEACHER_FORCED = "teacher-forced"
+from pema.settings import MemoryMode
 
 
 @dataclass(frozen=True)

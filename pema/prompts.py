@@ -9,8 +9,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from pema.backbone import EncodeItem
 from pema.data import Pair
 from pema.errors import DataError
+from pema.settings import DEFAULT_TEMPLATE
 
-DEFAULT_TEMPLATE = "Rewrite in modern English:\n{source}"
 # The task prompts of the evaluation data in ../shared/data, used by the benchmarks and the demo.
 TASK_TEMPLATES = {
     "kjv_web": DEFAULT_TEMPLATE,

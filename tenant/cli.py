@@ -9,23 +9,32 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from pema.adapter import KEY_NORMS, SCHEDULES, VARIANTS, AdapterConfig
-from pema.argtypes import positive_int
-from pema.backbone import MemoryMode
+# Only light modules here: arguments are parsed and checked before torch and transformers load
+# (seconds), so --help and every usage error answer at once.
+from pema.argtypes import (
+    add_subparsers,
+    new_parser,
+    non_empty_text,
+    non_negative_float,
+    positive_int,
+)
 from pema.data import read_pairs
 from pema.errors import PemaError
-from pema.evaluation import translate
-from pema.generation import Mixing
-from pema.models import cache_dir
-from pema.prompts import DEFAULT_TEMPLATE, PromptFormat
-from pema.training import TrainConfig
-from tenant.backend import Backend, coordinator_backend, local_backend
-from tenant.coordinator_client import TlsOptions
-from tenant.jobs import evaluate_job, load_job_adapter, train_job
-from tenant.memory_store import DiskMemoryStore
+from pema.settings import (
+    ADAPTER_CONFIG,
+    DEFAULT_TEMPLATE,
+    KEY_NORMS,
+    LEGACY_ADAPTER_FILES,
+    SCHEDULES,
+    VARIANTS,
+    MemoryMode,
+    cache_dir,
+)
+
+if TYPE_CHECKING:
+    from tenant.backend import Backend
 
 # The defaults are the best configuration found on valid.tsv (benchmarks/results/quality.md); the
 # mixing is the one whose worst valid chrF gain over the untuned model across tasks is largest.
@@ -50,77 +59,135 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="local Hugging Face causal-LM folder (default: SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
+    )
     p.add_argument(
         "--coordinator",
         metavar="HOST:PORT",
         default=None,
         help="use the frozen model behind this coordinator instead of loading it here",
     )
+    # No env default here: the help would print the secret.
     p.add_argument(
-        "--token",
-        default=os.environ.get("PEMA_TOKEN"),
-        help="the tenant's coordinator token (default: $PEMA_TOKEN)",
+        "--token", default=None, help="the tenant's coordinator token (default: $PEMA_TOKEN)"
     )
     p.add_argument(
         "--tls-ca", type=Path, default=None, help="CA that signed the coordinator's cert"
     )
     p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
     p.add_argument("--tls-key", type=Path, default=None, help="client key (mutual TLS)")
+    p.add_argument(
+        "--coordinator-retry-seconds",
+        type=non_negative_float,
+        default=120.0,
+        help="keep retrying an unavailable coordinator (a restart) this long; 0: fail at once",
+    )
 
 
 def _backend(args: argparse.Namespace) -> Backend:
     """The coordinator's model when --coordinator is given, else the model in this process."""
+    from tenant.backend import coordinator_backend, local_backend
+    from tenant.coordinator_client import TlsOptions
+
     if args.coordinator is None:
         return local_backend(args.model)
     if args.model is not None:
         raise PemaError("--model and --coordinator exclude each other")
-    if not args.token:
+    token = args.token or os.environ.get("PEMA_TOKEN")
+    if not token:
         raise PemaError("--coordinator needs --token (or PEMA_TOKEN)")
     use_tls = args.tls_ca or args.tls_cert or args.tls_key
     tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key) if use_tls else None
-    return coordinator_backend(args.coordinator, args.token, tls)
+    return coordinator_backend(
+        args.coordinator, token, tls, retry_seconds=args.coordinator_retry_seconds
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pema-tenant", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = new_parser("pema-tenant", __doc__)
+    sub = add_subparsers(parser)
 
-    t = sub.add_parser("train", help="build the external memory and train an adapter")
+    t = sub.add_parser(
+        "train",
+        help="build the external memory and train an adapter",
+        description="Build (or load from the cache) the external memory and train a PEMA "
+        "adapter. The defaults are the configuration chosen on valid.tsv.",
+    )
     t.add_argument("--train", type=Path, required=True, help="TSV with source and target columns")
     t.add_argument("--valid", type=Path, required=True, help="TSV for early stopping")
     t.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+    t.add_argument("--force", action="store_true", help="replace an adapter already in --out")
     _add_model_args(t)
     t.add_argument(
         "--template", default=DEFAULT_TEMPLATE, help="task prompt with a {source} placeholder"
     )
     t.add_argument(
-        "--max-pairs", type=positive_int, default=None, help="use the first N training pairs"
+        "--max-pairs",
+        type=positive_int,
+        default=None,
+        help="use the first N training pairs (default: all)",
     )
-    t.add_argument("--max-valid-pairs", type=positive_int, default=200)
     t.add_argument(
-        "--memory-mode", choices=[m.value for m in MemoryMode], default=BEST["memory_mode"]
+        "--max-valid-pairs", type=positive_int, default=200, help="use the first N valid pairs"
     )
-    t.add_argument("--variant", choices=VARIANTS, default=BEST["variant"])
-    t.add_argument("--key-norm", choices=KEY_NORMS, default=BEST["key_norm"])
-    t.add_argument("--rank", type=positive_int, default=BEST["rank"])
-    t.add_argument("--alpha", type=float, default=1.0)
-    t.add_argument("--dropout", type=float, default=0.2)
+    t.add_argument(
+        "--memory-mode",
+        choices=[m.value for m in MemoryMode],
+        default=BEST["memory_mode"],
+        help="keys from gold prefixes (teacher-forced) or from the model's own outputs",
+    )
+    t.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default=BEST["variant"],
+        help="residual: h = n(f) + B z, starting at the model's distribution; faithful: the paper's",
+    )
+    t.add_argument(
+        "--key-norm", choices=KEY_NORMS, default=BEST["key_norm"], help="key normalization"
+    )
+    t.add_argument("--rank", type=positive_int, default=BEST["rank"], help="bottleneck rank r")
+    t.add_argument("--alpha", type=float, default=1.0, help="scaling α (the update is α/r)")
+    t.add_argument("--dropout", type=float, default=0.2, help="dropout on the keys")
     t.add_argument(
         "--kappa",
         type=float,
         default=BEST["kappa"],
         help="weight of reconstruction in phase 2; 0 skips phase 1",
     )
-    t.add_argument("--lambda-max", type=float, default=BEST["lambda_max"])
-    t.add_argument("--schedule", choices=SCHEDULES, default=BEST["schedule"])
-    t.add_argument("--lr", type=float, default=BEST["lr"])
-    t.add_argument("--batch-size", type=positive_int, default=BEST["batch_size"])
-    t.add_argument("--rct-batch-size", type=positive_int, default=20480)
-    t.add_argument("--epochs", type=int, default=BEST["epochs"])
-    t.add_argument("--rct-epochs", type=int, default=5)
-    t.add_argument("--eval-every", type=positive_int, default=100)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--lambda-max",
+        type=float,
+        default=BEST["lambda_max"],
+        help="weight of the adapter's distribution when mixing",
+    )
+    t.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=BEST["schedule"],
+        help="mixing: constant λ, or Gradual Unrolling (gu)",
+    )
+    t.add_argument("--lr", type=float, default=BEST["lr"], help="learning rate")
+    t.add_argument(
+        "--batch-size", type=positive_int, default=BEST["batch_size"], help="keys per step"
+    )
+    t.add_argument(
+        "--rct-batch-size",
+        type=positive_int,
+        default=20480,
+        help="keys per step in phase 1 (reconstruction)",
+    )
+    t.add_argument(
+        "--epochs", type=positive_int, default=BEST["epochs"], help="phase-2 epochs (at most)"
+    )
+    t.add_argument(
+        "--rct-epochs",
+        type=positive_int,
+        default=5,
+        help="phase-1 epochs (skipped when --kappa is 0)",
+    )
+    t.add_argument("--eval-every", type=positive_int, default=100, help="validate every N steps")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
     t.add_argument(
         "--adapter",
         choices=["pema", "pema-mix"],
@@ -133,39 +200,95 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="DP-SGD to this ε at δ = 1/(2N), N = training pairs (privacy unit: one pair); "
-        "implies no dropout and no early stopping",
+        "implies no dropout and no early stopping (default: no DP)",
     )
     t.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="DP clipping bound C")
-    t.add_argument("--dp-batch-pairs", type=positive_int, default=32)
+    t.add_argument("--dp-batch-pairs", type=positive_int, default=32, help="pairs per DP-SGD step")
     t.add_argument("--tenant", default="local", help="namespace in the memory cache")
     t.add_argument(
         "--no-cache", action="store_true", help="do not read or write the on-disk memory cache"
     )
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("evaluate", help="BLEU/chrF of the untuned model and of the adapter")
-    e.add_argument("--adapter", type=Path, required=True)
-    e.add_argument("--test", type=Path, required=True)
+    e.add_argument("--adapter", type=Path, required=True, help="adapter folder")
+    e.add_argument("--test", type=Path, required=True, help="TSV with source and target columns")
     _add_model_args(e)
-    e.add_argument("--limit", type=positive_int, default=None, help="use the first N test pairs")
+    e.add_argument(
+        "--limit", type=positive_int, default=None, help="use the first N test pairs (default: all)"
+    )
     e.add_argument("--lambda-max", type=float, default=None, help="override the adapter's λ_max")
     e.add_argument(
         "--schedule", choices=SCHEDULES, default=None, help="override the adapter's schedule"
     )
-    e.add_argument("--batch-size", type=positive_int, default=16)
+    e.add_argument("--batch-size", type=positive_int, default=16, help="sequences per batch")
+    e.add_argument(
+        "--no-untuned",
+        action="store_true",
+        help="skip the untuned model's baseline (half the time)",
+    )
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    g = sub.add_parser("generate", help="generate with an adapter")
-    g.add_argument("--adapter", type=Path, required=True)
+    g = sub.add_parser("generate", help="generate with an adapter, one output line per text")
+    g.add_argument("--adapter", type=Path, required=True, help="adapter folder")
     _add_model_args(g)
-    g.add_argument("text", nargs="+")
+    g.add_argument("text", nargs="+", type=non_empty_text, help="source texts")
+
+    a = sub.add_parser("adapters", help="list, show or delete saved adapters")
+    asub = a.add_subparsers(dest="action", required=True)
+    al = asub.add_parser("list", help="the adapters in folders (and their subfolders)")
+    al.add_argument("roots", nargs="*", type=Path, default=[Path(".")], help="folders to search")
+    ash = asub.add_parser("show", help="an adapter's config, training summary and tensors")
+    ash.add_argument("path", type=Path, help="adapter folder")
+    ad = asub.add_parser("delete", help="delete adapter folders")
+    ad.add_argument("paths", nargs="+", type=Path, help="adapter folders")
+
+    c = sub.add_parser("cache", help="list or clear cached memories (disk and Redis)")
+    csub = c.add_subparsers(dest="action", required=True)
+    for name, helptext in (
+        ("list", "cached memories: what each was built from, pairs, keys, size"),
+        ("clear", "delete cached memories (all, or one tenant's, or one address)"),
+    ):
+        cp = csub.add_parser(name, help=helptext)
+        cp.add_argument(
+            "--redis-url",
+            default=None,
+            help="also the Redis cache at this URL (default: the disk cache only)",
+        )
+        cp.add_argument("--tenant", default=None, help="only this tenant's memories")
+        if name == "clear":
+            cp.add_argument("--address", default=None, help="only the memory with this address")
+        else:
+            cp.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """--out may name a new folder, or (with --force) an adapter folder to replace."""
+    out: Path = args.out
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PemaError(f"{out}: exists and is not a folder")
+    holds_adapter = any((out / n).is_file() for n in (ADAPTER_CONFIG, *LEGACY_ADAPTER_FILES))
+    if not any(out.iterdir()):
+        return
+    if not holds_adapter:
+        raise PemaError(f"{out}: a folder that holds no adapter; refusing to replace it")
+    if not args.force:
+        raise PemaError(f"{out}: an adapter is already there (pass --force to replace it)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    _check_out(args)
     train_pairs = read_pairs(args.train, args.max_pairs)
     valid_pairs = read_pairs(args.valid, args.max_valid_pairs)
+    from pema.adapter import AdapterConfig
+    from pema.training import TrainConfig
+    from tenant.jobs import train_job
+    from tenant.memory_store import DiskMemoryStore
+
     adapter_config = AdapterConfig(
         hidden_size=1,  # set from the model by train_job
         rank=args.rank,
@@ -195,8 +318,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         dp_max_grad_norm=args.dp_max_grad_norm,
         dp_batch_pairs=args.dp_batch_pairs,
     )
-    if args.out.exists() and not args.out.is_dir():
-        raise PemaError(f"{args.out}: exists and is not a folder")
     backend = _backend(args)
     store = None if args.no_cache else DiskMemoryStore(cache_dir() / "memories")
     outcome = train_job(
@@ -228,6 +349,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     pairs = read_pairs(args.test, args.limit)
+    from pema.generation import Mixing
+    from tenant.jobs import evaluate_job, load_job_adapter
+
     backend = _backend(args)
     adapter = load_job_adapter(backend, args.adapter)
     cfg = adapter.config
@@ -236,20 +360,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.schedule or cfg.schedule,
     )
     result = evaluate_job(
-        backend, adapter, pairs, mixing, batch_size=args.batch_size, quiet=args.quiet
+        backend,
+        adapter,
+        pairs,
+        mixing,
+        include_untuned=not args.no_untuned,
+        batch_size=args.batch_size,
+        quiet=args.quiet,
     )
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
         print(f"pairs: {result['n']}  mixing: {mixing.schedule} λ_max {mixing.lambda_max}")
-        print(
-            f"untuned model   BLEU {result['zero_shot_bleu']:6.2f}  chrF {result['zero_shot_chrf']:6.2f}"
-        )
+        if "untuned_bleu" in result:
+            print(
+                f"untuned model   BLEU {result['untuned_bleu']:6.2f}  "
+                f"chrF {result['untuned_chrf']:6.2f}"
+            )
         print(f"PEMA adapter    BLEU {result['bleu']:6.2f}  chrF {result['chrf']:6.2f}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from pema.evaluation import translate
+    from pema.generation import Mixing
+    from pema.prompts import PromptFormat
+    from tenant.jobs import load_job_adapter
+
     backend = _backend(args)
     adapter = load_job_adapter(backend, args.adapter)
     cfg = adapter.config
@@ -262,14 +399,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from tenant.inventory import delete_adapters, list_adapters, show_adapter
+
+    if args.action == "list":
+        print(list_adapters(args.roots))
+    elif args.action == "show":
+        print(show_adapter(args.path))
+    else:
+        for line in delete_adapters(args.paths):
+            print(line)
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from tenant.inventory import cache_stores, clear_cache, list_cache
+
+    stores = cache_stores(cache_dir(), args.redis_url)
+    if args.action == "list":
+        print(list_cache(stores, args.tenant, as_json=args.json))
+    else:
+        print(clear_cache(stores, args.tenant, args.address))
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "generate": cmd_generate,
+    "adapters": cmd_adapters,
+    "cache": cmd_cache,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate}
     try:
-        return commands[args.command](args)
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return COMMANDS[args.command](args)
     except PemaError as e:
         print(f"pema-tenant: error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,10 @@
 """The tenant's view of a remote coordinator: the pema Backbone protocol over gRPC.
 
 Every call has a deadline; calls that fail with UNAVAILABLE (overload, restart, network) are
-retried with exponential backoff, and no other status is retried. A streaming call is retried
-only if it failed before its first message arrived, so nothing is ever delivered twice.
+retried with exponential backoff (tenacity) for `retry_seconds` in all (default 2 minutes: long
+enough for a coordinator pod to restart), and no other status is retried. A streaming call is
+retried only if it failed before its first message arrived, so nothing is ever delivered twice;
+an Encode stream broken midway is asked again for the items it had not yet returned.
 
 The head and the tokenizer are downloaded once and cached on disk under
 pema.models.cache_dir()/heads/<revision>.safetensors and /tokenizers/<revision>/.
@@ -13,16 +15,21 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import random
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 from torch import Tensor
 from transformers import AutoTokenizer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -79,8 +86,11 @@ class ClientConfig:
     tls: TlsOptions | None = None
     timeout: float = 60.0  # unary calls and each encode request
     stream_timeout: float = 3600.0  # a whole decode session or head download
-    retries: int = 5
+    # UNAVAILABLE is retried for this long in all (0: never); the pod restart of a coordinator
+    # takes about a minute. Flower node config: coordinator-retry-seconds.
+    retry_seconds: float = 120.0
     backoff: float = 0.2  # first retry delay in seconds, doubled each time (with jitter)
+    max_backoff: float = 5.0
     max_request_tokens: int = 16384  # tokens per Encode request (under the tenant's quota)
     max_request_items: int = 512
     decode_dtype: str = "float16"  # "float32" makes remote decoding bit-exact with local
@@ -90,10 +100,18 @@ class ClientConfig:
             raise PemaError(f"coordinator address must be HOST:PORT, got {self.address!r}")
         if not self.token:
             raise PemaError("a coordinator token is required (--token or PEMA_TOKEN)")
-        if self.timeout <= 0 or self.stream_timeout <= 0 or self.retries < 0:
-            raise PemaError("timeouts must be positive and retries not negative")
+        if self.timeout <= 0 or self.stream_timeout <= 0 or self.retry_seconds < 0:
+            raise PemaError("timeouts must be positive and the retry budget not negative")
+        if self.backoff <= 0 or self.max_backoff < self.backoff:
+            raise PemaError("backoff must be positive and at most max_backoff")
         if self.decode_dtype not in ("float16", "float32"):
             raise PemaError(f"decode_dtype must be float16 or float32, got {self.decode_dtype!r}")
+
+
+def _unavailable(e: BaseException) -> bool:
+    if isinstance(e, CoordinatorError):
+        return e.code == grpc.StatusCode.UNAVAILABLE
+    return isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def _error(method: str, e: grpc.RpcError) -> CoordinatorError:
@@ -110,6 +128,10 @@ class CoordinatorClient:
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", 256 << 20),
             ("grpc.max_send_message_length", 64 << 20),
+            # gRPC's own reconnect backoff grows to 2 minutes; a restarted coordinator should be
+            # found again within the retry schedule's few seconds.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 5000),
         ]
         if config.tls is not None:
             if config.tls.server_name:
@@ -123,19 +145,37 @@ class CoordinatorClient:
     def close(self) -> None:
         self.channel.close()
 
+    def retrying(self, method: str) -> Retrying:
+        """Retry UNAVAILABLE (raw gRPC errors or CoordinatorError) with backoff, within the
+        budget; the last error is raised as it came."""
+        cfg = self.config
+
+        def note(state: RetryCallState) -> None:
+            err = state.outcome.exception() if state.outcome is not None else None
+            if isinstance(err, grpc.RpcError):
+                err = _error(method, err)
+            log.warning(
+                "%s unavailable (%s); retrying in %.1f s (%.0f of %.0f s spent)",
+                method,
+                err.details if isinstance(err, CoordinatorError) else err,
+                state.upcoming_sleep,
+                state.seconds_since_start,
+                cfg.retry_seconds,
+            )
+
+        return Retrying(
+            retry=retry_if_exception(_unavailable),
+            wait=wait_exponential_jitter(initial=cfg.backoff, max=cfg.max_backoff),
+            stop=stop_after_delay(cfg.retry_seconds),
+            before_sleep=note,
+            reraise=True,
+        )
+
     def _retry(self, method: str, fn: Callable[[], T]) -> T:
-        delay = self.config.backoff
-        for attempt in range(self.config.retries + 1):
-            try:
-                return fn()
-            except grpc.RpcError as e:
-                err = _error(method, e)
-                if err.code != grpc.StatusCode.UNAVAILABLE or attempt == self.config.retries:
-                    raise err from None
-                log.info("%s unavailable (%s); retry in %.2f s", method, err.details, delay)
-                time.sleep(delay * (1 + random.random() * 0.25))
-                delay *= 2
-        raise AssertionError("unreachable")
+        try:
+            return self.retrying(method)(fn)
+        except grpc.RpcError as e:
+            raise _error(method, e) from None
 
     def _stream(self, method: str, start: Callable[[], Iterator[T]]) -> Iterator[T]:
         """Iterate a server stream, retrying on UNAVAILABLE only before its first message."""
@@ -372,11 +412,15 @@ class CoordinatorBackbone:
         progress: Callable[[int], None] | None = None,
     ) -> list[Encoded]:
         results: list[Encoded | None] = [None] * len(items)
-        for group in self._requests(items):
-            for r in self.client.encode_request([items[i] for i in group], mode):
-                if not 0 <= r.index < len(group):
+
+        def encode_missing(group: list[int]) -> None:
+            """One Encode call for the group's items without a result yet: after a stream
+            broke midway, only the rest is asked again (encoding is deterministic)."""
+            todo = [i for i in group if results[i] is None]
+            for r in self.client.encode_request([items[i] for i in todo], mode):
+                if not 0 <= r.index < len(todo):
                     raise DataError(f"encode result for unknown item {r.index}")
-                i = group[r.index]
+                i = todo[r.index]
                 keys = serde.tensor_from_proto(r.keys).float()
                 if keys.shape != (len(items[i].target), self.info.hidden_size):
                     raise DataError(f"encode result {i} has keys of shape {tuple(keys.shape)}")
@@ -384,6 +428,9 @@ class CoordinatorBackbone:
                 results[i] = Encoded(keys=keys, generated=generated)
                 if progress is not None:
                     progress(1)
+
+        for group in self._requests(items):
+            self.client.retrying("Encode")(encode_missing, group)
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             raise DataError(f"the coordinator returned no keys for {len(missing)} items")

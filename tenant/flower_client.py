@@ -292,12 +292,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         "sample-reference": sample[0].target,
         "sample-output": result["outputs"][0],
     }
-    if "zero_shot_bleu" in result:
+    if "untuned_bleu" in result:
         metrics |= {
-            "zero-shot-bleu": result["zero_shot_bleu"],
-            "zero-shot-chrf": result["zero_shot_chrf"],
+            "zero-shot-bleu": result["untuned_bleu"],
+            "zero-shot-chrf": result["untuned_chrf"],
         }
-        extra["sample-zero-shot"] = result["zero_shot_outputs"][0]
+        extra["sample-zero-shot"] = result["untuned_outputs"][0]
     if node.pushgateway:
         push_quality(node.pushgateway, node.tenant_id, result["bleu"], result["chrf"])
     return Message(_reply(metrics, node, **extra), reply_to=msg)

@@ -15,8 +15,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pema.adapter import AdapterConfig, PemaAdapter, load_adapter, save_adapter
-from pema.backbone import MemoryMode
-from pema.data import Pair
+from pema.backbone import EncodeItem, MemoryMode
+from pema.data import Pair, pair_origin
+from pema.errors import DataError
 from pema.evaluation import score, translate
 from pema.generation import Mixing, token_ratio
 from pema.memory import Memory, build_memory, memory_spec
@@ -36,6 +37,18 @@ def _advance(bar: tqdm) -> Callable[[int], None]:
         bar.update(n)
 
     return update
+
+
+def check_lengths(items: Sequence[EncodeItem], pairs: Sequence[Pair], max_length: int) -> None:
+    """Refuse a pair whose prompt + target exceed the model's limit before any encoding, naming
+    its file line (the backbone only knows its position in one shard's batch)."""
+    for i, item in enumerate(items):
+        total = len(item.prompt) + len(item.target)
+        if total > max_length:
+            raise DataError(
+                f"{pair_origin(pairs, i)}: {total} tokens (prompt + target) exceed the model's "
+                f"limit of {max_length}"
+            )
 
 
 @dataclass
@@ -62,6 +75,7 @@ def obtain_memory(
     if cached is not None:
         return MemoryResult(cached, time.perf_counter() - start, True)
     items = fmt.items(pairs)
+    check_lengths(items, pairs, backend.backbone.info.max_length)
     with tqdm(
         total=len(items), desc=f"building {desc} ({mode.value})", unit="pair", disable=quiet
     ) as bar:
@@ -233,7 +247,7 @@ def evaluate_job(
                 progress=_advance(bar),
             )
         s = score(base, refs)
-        result.update(zero_shot_bleu=s["bleu"], zero_shot_chrf=s["chrf"], zero_shot_outputs=base)
+        result.update(untuned_bleu=s["bleu"], untuned_chrf=s["chrf"], untuned_outputs=base)
     with tqdm(total=len(pairs), desc="generating (PEMA)", unit="pair", disable=quiet) as bar:
         hyps = translate(
             backend.backbone,

@@ -1,10 +1,11 @@
 """Memory caches: one shard mechanism, two storage backends (a folder here, Redis in redis_store).
 
 A memory is stored as shards of `shard_pairs` consecutive pairs plus a manifest naming them.
-Every shard carries its own header (spec address, pair range, dtype and shape) and a sha256 of
-its bytes, so a shard left behind by an interrupted build can be verified and reused; the manifest
-(spec, shard list with checksums) is written last, so a reader finds either a whole memory or none.
-A missing, evicted or corrupt shard makes the memory absent: it is rebuilt, never used.
+Every shard is a safetensors blob (keys, targets, offsets) whose metadata holds the memory's spec,
+its pair range and a fingerprint of its arrays, so a shard left behind by an interrupted build can
+be verified and reused; the manifest (readable JSON: what the memory was built from, its shards
+with their sha256) is written last, so a reader finds either a whole memory or none. A missing,
+evicted or corrupt shard makes the memory absent: it is rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -13,22 +14,26 @@ import hashlib
 import json
 import os
 import re
-import struct
+import shutil
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from pema.errors import MemoryFormatError, PemaError
 from pema.memory import Memory, MemorySpec
 
 DEFAULT_SHARD_PAIRS = 256
 MANIFEST = "manifest"
-SHARD_MAGIC = b"PEMASHD1"
-FORMAT_VERSION = 1
-_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# 2: safetensors shards (1 was a hand-written binary layout; its memories are rebuilt).
+FORMAT_VERSION = 2
 # Tenant ids end up in Redis ACL key patterns and file paths (no glob characters, no separators);
 # the same rule as the coordinator's tenant registry.
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -60,71 +65,60 @@ class ShardInfo:
     sha256: str
 
 
-def _bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
-
-
 def encode_shard(
     address: str, index: int, first_pair: int, part: Memory
 ) -> tuple[bytes, ShardInfo]:
-    """Header + keys + int32 targets + int64 local offsets, then a sha256 of all of it."""
-    dtype = str(part.keys.dtype).removeprefix("torch.")
-    header = {
-        "version": FORMAT_VERSION,
+    """A safetensors blob of the part's arrays, its place in the memory in the metadata."""
+    metadata = {
+        "format_version": str(FORMAT_VERSION),
         "address": address,
-        "index": index,
-        "first_pair": first_pair,
-        "pairs": part.n_pairs,
-        "dtype": dtype,
-        "shape": list(part.keys.shape),
+        "index": str(index),
+        "first_pair": str(first_pair),
+        "fingerprint": part.fingerprint(),
     }
-    head = json.dumps(header, sort_keys=True).encode()
-    body = b"".join(
-        [
-            SHARD_MAGIC,
-            struct.pack("<I", len(head)),
-            head,
-            _bytes(part.keys),
-            _bytes(part.targets.to(torch.int32)),
-            _bytes(part.offsets.to(torch.int64)),
-        ]
+    tensors = {
+        "keys": part.keys.contiguous(),
+        "targets": part.targets.contiguous(),
+        "offsets": part.offsets.contiguous(),
+    }
+    blob = save_tensors(tensors, metadata=metadata)
+    dtype = str(part.keys.dtype).removeprefix("torch.")
+    info = ShardInfo(
+        index, first_pair, part.n_pairs, len(part), dtype, hashlib.sha256(blob).hexdigest()
     )
-    digest = hashlib.sha256(body).digest()
-    info = ShardInfo(index, first_pair, part.n_pairs, len(part), dtype, digest.hex())
-    return body + digest, info
+    return blob, info
+
+
+def _metadata(blob: bytes) -> dict[str, str]:
+    """The safetensors header's metadata (the format: an 8-byte little-endian length, then JSON);
+    the library reads it only from files."""
+    size = int.from_bytes(blob[:8], "little")
+    if len(blob) < 8 + size:
+        raise MemoryFormatError("not a memory shard")
+    meta = json.loads(blob[8 : 8 + size]).get("__metadata__")
+    if not isinstance(meta, dict):
+        raise MemoryFormatError("not a memory shard (no metadata)")
+    return meta
 
 
 def decode_shard(blob: bytes, spec: MemorySpec) -> tuple[Memory, ShardInfo]:
     """Parse and verify a shard; raises MemoryFormatError on any mismatch or damage."""
-    if len(blob) < len(SHARD_MAGIC) + 4 + 32 or not blob.startswith(SHARD_MAGIC):
-        raise MemoryFormatError("not a memory shard")
-    body, digest = blob[:-32], blob[-32:]
-    if hashlib.sha256(body).digest() != digest:
-        raise MemoryFormatError("shard checksum mismatch (corrupt)")
-    pos = len(SHARD_MAGIC)
-    (head_len,) = struct.unpack_from("<I", body, pos)
-    pos += 4
     try:
-        header = json.loads(body[pos : pos + head_len])
-        dtype = _DTYPES[header["dtype"]]
-        rows, width = header["shape"]
-        pairs = int(header["pairs"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise MemoryFormatError(f"unreadable shard header ({e})") from None
-    if header.get("version") != FORMAT_VERSION or header.get("address") != spec.address:
-        raise MemoryFormatError("shard belongs to another memory or format version")
-    pos += head_len
-    sizes = [rows * width * dtype.itemsize, rows * 4, (pairs + 1) * 8]
-    if pos + sum(sizes) != len(body):
-        raise MemoryFormatError("shard size does not match its header")
-    raw = bytearray(body[pos:])  # one writable copy; tensors below are views into it
-    keys = torch.frombuffer(raw, dtype=dtype, count=rows * width).view(rows, width)
-    targets = torch.frombuffer(raw, dtype=torch.int32, count=rows, offset=sizes[0])
-    offsets = torch.frombuffer(raw, dtype=torch.int64, count=pairs + 1, offset=sizes[0] + sizes[1])
+        meta = _metadata(blob)
+        tensors = load_tensors(blob)
+        if meta.get("format_version") != str(FORMAT_VERSION) or meta.get("address") != spec.address:
+            raise MemoryFormatError("shard belongs to another memory or format version")
+        part = Memory(spec, tensors["keys"], tensors["targets"], tensors["offsets"])
+        index, first_pair = int(meta["index"]), int(meta["first_pair"])
+    except (ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise MemoryFormatError(f"unreadable shard ({e})") from None
+    if part.fingerprint() != meta.get("fingerprint"):
+        raise MemoryFormatError("shard content does not match its fingerprint (corrupt)")
+    dtype = str(part.keys.dtype).removeprefix("torch.")
     info = ShardInfo(
-        int(header["index"]), int(header["first_pair"]), pairs, rows, header["dtype"], digest.hex()
+        index, first_pair, part.n_pairs, len(part), dtype, hashlib.sha256(blob).hexdigest()
     )
-    return Memory(spec, keys, targets, offsets), info
+    return part, info
 
 
 def concat_memories(spec: MemorySpec, parts: Sequence[Memory]) -> Memory:
@@ -253,14 +247,84 @@ class ShardedMemoryStore(ABC):
         return concat_memories(spec, parts)
 
     def _commit(self, tenant: str, spec: MemorySpec, shards: Sequence[ShardInfo]) -> None:
+        # Readable JSON: `pema-tenant cache list` and an operator's `cat` see what it was built from.
         manifest = {
             "version": FORMAT_VERSION,
+            "tenant": tenant,
+            "address": spec.address,
             "spec": asdict(spec),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "pairs": sum(s.pairs for s in shards),
+            "keys": sum(s.keys for s in shards),
             "shard_pairs": self.shard_pairs,
             "shards": [asdict(s) for s in shards],
         }
-        self._write(tenant, spec.address, [(MANIFEST, json.dumps(manifest).encode())])
+        blob = json.dumps(manifest, indent=1, ensure_ascii=False).encode()
+        self._write(tenant, spec.address, [(MANIFEST, blob)])
+
+    # -- inventory (pema-tenant cache list|clear) ----------------------------------------------
+
+    @abstractmethod
+    def _memories(self, tenant: str | None) -> dict[tuple[str, str], dict[str, int]]:
+        """Every stored (tenant, address), with its blobs' names and sizes in bytes."""
+
+    @abstractmethod
+    def _drop(self, tenant: str, address: str, names: Sequence[str]) -> None:
+        """Delete these blobs of one memory, and whatever holds them when it is left empty."""
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the store lives, for listings (a folder, a Redis URL without its password)."""
+
+    def entries(self, tenant: str | None = None) -> list[CacheEntry]:
+        """Every stored memory, whole or partial (a build that did not finish)."""
+        out = []
+        for (t, address), blobs in sorted(self._memories(tenant).items()):
+            (raw,) = self._read(t, address, [MANIFEST]) if MANIFEST in blobs else (None,)
+            try:
+                manifest = json.loads(raw) if raw is not None else {}
+            except ValueError:
+                manifest = {}
+            out.append(
+                CacheEntry(
+                    location=self.location,
+                    tenant=t,
+                    address=address,
+                    complete=bool(manifest),
+                    bytes=sum(blobs.values()),
+                    shards=sum(1 for n in blobs if n != MANIFEST),
+                    pairs=manifest.get("pairs"),
+                    keys=manifest.get("keys"),
+                    built_at=manifest.get("built_at"),
+                    spec=manifest.get("spec"),
+                )
+            )
+        return out
+
+    def clear(self, tenant: str | None = None, address: str | None = None) -> list[CacheEntry]:
+        """Delete every memory (of one tenant, or one address); returns what was deleted."""
+        if tenant is not None:
+            check_tenant_id(tenant)
+        gone = [e for e in self.entries(tenant) if address is None or e.address == address]
+        blobs = self._memories(tenant)
+        for e in gone:
+            self._drop(e.tenant, e.address, list(blobs[(e.tenant, e.address)]))
+        return gone
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    location: str
+    tenant: str
+    address: str
+    complete: bool  # False: shards of an interrupted build, no manifest yet
+    bytes: int
+    shards: int
+    pairs: int | None
+    keys: int | None
+    built_at: str | None
+    spec: dict[str, Any] | None  # what it was built from: model revision, data, template, mode
 
 
 class DiskMemoryStore(ShardedMemoryStore):
@@ -296,3 +360,28 @@ class DiskMemoryStore(ShardedMemoryStore):
 
     def _touch(self, tenant: str, address: str, names: Sequence[str]) -> None:
         """Files do not expire."""
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def _memories(self, tenant: str | None) -> dict[tuple[str, str], dict[str, int]]:
+        found: dict[tuple[str, str], dict[str, int]] = {}
+        tenants = [self.root / tenant] if tenant else sorted(self.root.glob("*"))
+        for tdir in tenants:
+            if not tdir.is_dir() or not TENANT_ID.match(tdir.name):
+                continue
+            for mdir in sorted(tdir.iterdir()):
+                if mdir.is_dir():
+                    found[(tdir.name, mdir.name)] = {
+                        f.name.replace("-", ":", 1): f.stat().st_size
+                        for f in mdir.iterdir()
+                        if f.is_file() and not f.name.startswith(".")
+                    }
+        return found
+
+    def _drop(self, tenant: str, address: str, names: Sequence[str]) -> None:
+        folder = self.root / tenant / address
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+            folder.parent.rmdir()

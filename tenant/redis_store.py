@@ -60,10 +60,12 @@ class RedisMemoryStore(ShardedMemoryStore):
         client: redis.Redis,
         ttl_seconds: int | None = None,
         shard_pairs: int = DEFAULT_SHARD_PAIRS,
+        url: str = "",
     ) -> None:
         super().__init__(shard_pairs)
         self.client = client
         self.ttl = ttl_seconds
+        self.url = url
 
     @classmethod
     def connect(
@@ -75,7 +77,7 @@ class RedisMemoryStore(ShardedMemoryStore):
             client.ping()
         except RedisError as e:
             raise CacheError(f"Redis memory cache at {_safe(url)} is unavailable: {e}") from None
-        return cls(client, ttl_seconds, shard_pairs)
+        return cls(client, ttl_seconds, shard_pairs, url)
 
     def _key(self, tenant: str, address: str, name: str) -> str:
         return f"{key_prefix(tenant)}mem:{address}:{name}"
@@ -114,6 +116,32 @@ class RedisMemoryStore(ShardedMemoryStore):
                 pipe.execute()
         except RedisError as e:
             raise _cache_error("expiry refresh", tenant, e) from None
+
+    @property
+    def location(self) -> str:
+        return _safe(self.url) if self.url else "redis"
+
+    def _memories(self, tenant: str | None) -> dict[tuple[str, str], dict[str, int]]:
+        """SCAN for the memories' keys (an admin's credentials: tenant ACL users may not SCAN)."""
+        pattern = f"{key_prefix(tenant) if tenant else 'pema:*:'}mem:*"
+        try:
+            keys = [k.decode() for k in self.client.scan_iter(match=pattern, count=1000)]
+            with self.client.pipeline(transaction=False) as pipe:
+                for k in keys:
+                    pipe.strlen(k)
+                sizes = pipe.execute()
+        except RedisError as e:
+            raise _cache_error("listing", tenant or "*", e) from None
+        found: dict[tuple[str, str], dict[str, int]] = {}
+        for key, size in zip(keys, sizes, strict=True):
+            # pema:{tenant}:mem:{address}:{manifest | shard:i}
+            parts = key.split(":", 4)
+            if len(parts) == 5 and parts[2] == "mem":
+                found.setdefault((parts[1], parts[3]), {})[parts[4]] = int(size)
+        return found
+
+    def _drop(self, tenant: str, address: str, names: Sequence[str]) -> None:
+        self._delete(tenant, address, names)
 
 
 def _cache_error(op: str, tenant: str, e: RedisError) -> CacheError:

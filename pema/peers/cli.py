@@ -12,22 +12,16 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pema.argtypes import positive_float, positive_int
+# Only light modules here: arguments are parsed and checked before torch and peft load.
+from pema.argtypes import add_subparsers, new_parser, positive_float, positive_int
 from pema.data import read_pairs
 from pema.errors import PemaError
-from pema.evaluation import score
-from pema.generation import token_ratio
-from pema.models import load_causal_lm, resolve_model_dir
-from pema.peers.lora import DEFAULT_TARGETS, AdaMixPeer, full_peer, lora_peer
-from pema.peers.private import train_peer_private
-from pema.peers.sft import HFPeer, Peer, SFTConfig, encode_pairs, evaluate_peer, train_sft
-from pema.peers.shift import ShiftPeer
-from pema.process import peak_rss_bytes
-from pema.prompts import DEFAULT_TEMPLATE, PromptFormat
+from pema.settings import DEFAULT_TARGETS, DEFAULT_TEMPLATE
+
+if TYPE_CHECKING:
+    from pema.peers.sft import Peer
 
 METHODS = ("untuned", "copy", "full", "lora", "adamix", "slash", "jrwarp")
 DP_METHODS = ("slash", "jrwarp")
@@ -36,10 +30,16 @@ DEFAULT_LR = {"full": 2e-5, "lora": 1e-3, "adamix": 1e-3, "slash": 1e-2, "jrwarp
 
 
 def peak_rss_mib() -> float:
+    from pema.process import peak_rss_bytes
+
     return round(peak_rss_bytes() / 2**20, 1)
 
 
 def build_peer(method: str, model: Any, args: argparse.Namespace) -> Peer:
+    from pema.peers.lora import AdaMixPeer, full_peer, lora_peer
+    from pema.peers.sft import HFPeer
+    from pema.peers.shift import ShiftPeer
+
     targets = args.targets.split(",")
     if method == "untuned":
         return HFPeer(model, model.config)
@@ -55,6 +55,15 @@ def build_peer(method: str, model: Any, args: argparse.Namespace) -> Peer:
 def train_eval(args: argparse.Namespace) -> dict[str, Any]:
     train_pairs = read_pairs(args.train, args.max_pairs)
     test_pairs = read_pairs(args.test, args.limit)
+    import torch
+
+    from pema.evaluation import score
+    from pema.generation import token_ratio
+    from pema.models import load_causal_lm, resolve_model_dir
+    from pema.peers.private import train_peer_private
+    from pema.peers.sft import SFTConfig, encode_pairs, evaluate_peer, train_sft
+    from pema.prompts import PromptFormat
+
     result: dict[str, Any] = {
         "method": args.method,
         "train_pairs": len(train_pairs),
@@ -110,43 +119,69 @@ def train_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pema-peers", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = new_parser("pema-peers", __doc__)
+    sub = add_subparsers(parser)
     t = sub.add_parser("train-eval", help="train one method and print its scores as JSON")
-    t.add_argument("--method", choices=METHODS, required=True)
-    t.add_argument("--train", type=Path, required=True)
-    t.add_argument("--test", type=Path, required=True)
-    t.add_argument("--model", type=Path, default=None, help="default: SmolLM2-135M-Instruct")
-    t.add_argument("--template", default=DEFAULT_TEMPLATE)
-    t.add_argument("--max-pairs", type=positive_int, default=None, help="first N training pairs")
-    t.add_argument("--limit", type=positive_int, default=None, help="first N test pairs")
-    t.add_argument("--epochs", type=positive_int, default=1)
-    t.add_argument("--batch-size", type=positive_int, default=8)
+    t.add_argument("--method", choices=METHODS, required=True, help="the method to train")
+    t.add_argument("--train", type=Path, required=True, help="TSV with source and target columns")
+    t.add_argument("--test", type=Path, required=True, help="TSV with source and target columns")
+    t.add_argument(
+        "--model", type=Path, default=None, help="HF model folder (default: SmolLM2-135M-Instruct)"
+    )
+    t.add_argument(
+        "--template", default=DEFAULT_TEMPLATE, help="task prompt with a {source} placeholder"
+    )
+    t.add_argument(
+        "--max-pairs", type=positive_int, default=None, help="first N training pairs (default: all)"
+    )
+    t.add_argument(
+        "--limit", type=positive_int, default=None, help="first N test pairs (default: all)"
+    )
+    t.add_argument("--epochs", type=positive_int, default=1, help="training epochs")
+    t.add_argument("--batch-size", type=positive_int, default=8, help="rows per step")
     t.add_argument(
         "--max-tokens", type=positive_int, default=96, help="prompt + target cap per row"
     )
-    t.add_argument("--lr", type=positive_float, default=None, help="default depends on the method")
-    t.add_argument("--rank", type=positive_int, default=8)
-    t.add_argument("--alpha", type=positive_int, default=16)
-    t.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target modules")
+    t.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help=f"learning rate (default per method: {DEFAULT_LR})",
+    )
+    t.add_argument("--rank", type=positive_int, default=8, help="LoRA/AdaMix rank")
+    t.add_argument("--alpha", type=positive_int, default=16, help="LoRA/AdaMix α")
+    t.add_argument(
+        "--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target modules, comma-separated"
+    )
     t.add_argument("--mixture", type=positive_int, default=4, help="AdaMix copies M")
     t.add_argument("--consistency", type=float, default=1.0, help="AdaMix consistency weight")
     t.add_argument("--k", type=positive_int, default=1024, help="SLaSh/JR-WARP vector size")
     t.add_argument(
-        "--dp-epsilon", type=positive_float, default=None, help="DP-SGD target ε (δ = 1/2N)"
+        "--dp-epsilon",
+        type=positive_float,
+        default=None,
+        help="DP-SGD target ε, δ = 1/2N (default: no DP)",
     )
-    t.add_argument("--dp-max-grad-norm", type=positive_float, default=1.0)
-    t.add_argument("--eval-batch-size", type=positive_int, default=16)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=positive_int, default=None)
+    t.add_argument(
+        "--dp-max-grad-norm", type=positive_float, default=1.0, help="DP clipping bound C"
+    )
+    t.add_argument(
+        "--eval-batch-size", type=positive_int, default=16, help="sequences per generation batch"
+    )
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         print(json.dumps(train_eval(args), ensure_ascii=False))
     except PemaError as e:
         print(f"pema-peers: error: {e}", file=sys.stderr)

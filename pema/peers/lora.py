@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -13,9 +14,8 @@ from transformers import PreTrainedModel
 
 from pema.errors import PemaError
 from pema.peers.sft import IGNORE, Batch, HFPeer, target_loss
+from pema.settings import DEFAULT_TARGETS
 from pema.training import symmetric_kl
-
-DEFAULT_TARGETS = ("q_proj", "v_proj")  # the LoRA paper's choice; configurable everywhere
 
 
 def lora_peer(
@@ -42,7 +42,18 @@ def lora_peer(
         bias="none",
         layers_to_transform=layers,
     )
-    return HFPeer(get_peft_model(model, config), model.config)
+    try:
+        with warnings.catch_warnings():
+            # peft probes the deprecated `is_gradient_checkpointing` property of transformers 5,
+            # which warns on every run; the probe is peft's, not ours, and harmless.
+            warnings.filterwarnings(
+                "ignore",
+                message="`is_gradient_checkpointing` is deprecated",
+                category=FutureWarning,
+            )
+            return HFPeer(get_peft_model(model, config), model.config)
+    except ValueError as e:  # peft's NoMatchingPeftModuleError is one, with a paragraph of text
+        raise PemaError(f"--targets {','.join(targets)}: no such module in the model") from e
 
 
 def full_peer(model: PreTrainedModel) -> HFPeer:

@@ -413,8 +413,8 @@ def test_overload_is_unavailable_and_retried(env: Env) -> None:
     big = env.items(70)  # the test server queues at most 3000 tokens
     assert 1500 < sum(len(i.prompt) + len(i.target) for i in big) <= 3000
     alpha = env.backbone("alpha")
-    beta_once = env.backbone("beta", retries=0)
-    beta_retry = env.backbone("beta", retries=6, backoff=0.1)
+    beta_once = env.backbone("beta", retry_seconds=0)
+    beta_retry = env.backbone("beta", retry_seconds=30, backoff=0.1)
     done: list[object] = []
     with env.server.worker.hold():
         t = threading.Thread(

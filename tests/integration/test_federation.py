@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_model import KJV, save_tiny_model
 
+from pema.adapter import WEIGHTS_FILE
 from pema.data import read_pairs
 from tenant.demo import (
     Federation,
@@ -72,7 +73,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 
 
 def weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(adapter_dir / "adapter.safetensors"))
+    return load_file(str(adapter_dir / WEIGHTS_FILE))
 
 
 @pytest.mark.parametrize("aggregation", MODES)
@@ -128,7 +129,7 @@ def test_two_tenants_two_rounds(services: Services, aggregation: str) -> None:
         # Round 2 reads both memories from Redis (same tenant, same data).
         assert r["cache-hit"] == (1 if r["round"] > 1 else 0)
     adapters = [run_dir / "adapters" / t for t in tenants]
-    assert all((a / "adapter.safetensors").is_file() for a in adapters)
+    assert all((a / WEIGHTS_FILE).is_file() for a in adapters)
     a, b = (weights(d) for d in adapters)
     if aggregation == "fedavg":
         assert all(r["arrays-sent"] > 0 for r in rows)

@@ -88,6 +88,49 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     load_adapter(out)
 
 
+def test_format_metadata_peft_shaped_config_and_modes(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    out = save_adapter(_trained_looking_adapter("rev-a"), tmp_path / "ad")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    with safe_open(str(out / WEIGHTS_FILE), "pt") as f:
+        meta = f.metadata()
+    assert meta["pema_format_version"] == "2" and meta["model_revision"] == "rev-a"
+    doc = json.loads((out / CONFIG_FILE).read_text())
+    assert doc["format_version"] == 2 and doc["peft_type"] == "PEMA"
+    assert (doc["r"], doc["lora_alpha"], doc["revision"]) == (8, 1.0, "rev-a")
+    # One mode for the folder and one for its files, whichever library wrote them: private.
+    assert out.stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o600}
+
+
+def test_loads_format_1_and_refuses_newer_formats(tmp_path: Path) -> None:
+    """Adapters written before the format version (adapter.json + adapter.safetensors) load."""
+    from safetensors.torch import save_file
+
+    adapter = _trained_looking_adapter("rev-a")
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in adapter.state_dict().items()},
+        str(old / "adapter.safetensors"),
+    )
+    config = dict(vars(adapter.config))
+    (old / "adapter.json").write_text(json.dumps({"config": config, "training": {"steps": 1}}))
+    loaded, doc = load_adapter(old, model_revision="rev-a")
+    assert loaded.config == adapter.config and doc["training"] == {"steps": 1}
+    assert torch.equal(loaded.B_pd, adapter.B_pd)
+    new = save_adapter(adapter, tmp_path / "new")
+    doc = json.loads((new / CONFIG_FILE).read_text())
+    doc["format_version"] = 99
+    (new / CONFIG_FILE).write_text(json.dumps(doc))
+    with pytest.raises(AdapterError, match="format 99 is newer"):
+        load_adapter(new)
+
+
 def test_load_refuses_other_model_revision(tmp_path: Path) -> None:
     out = save_adapter(_trained_looking_adapter("rev-a"), tmp_path / "ad")
     with pytest.raises(AdapterError, match="revision"):
@@ -104,7 +147,7 @@ def test_load_errors(tmp_path: Path) -> None:
     # Config and weights that disagree in shape.
     out2 = save_adapter(_trained_looking_adapter(), tmp_path / "ad2")
     doc = json.loads((out2 / CONFIG_FILE).read_text())
-    doc["config"]["rank"] = 4
+    doc["pema"]["rank"] = 4
     (out2 / CONFIG_FILE).write_text(json.dumps(doc))
     with pytest.raises(AdapterError):
         load_adapter(out2)

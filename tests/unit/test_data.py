@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pema.data import Pair, dataset_fingerprint, read_pairs
+from pema.data import Pair, dataset_fingerprint, read_pairs, write_pairs
 from pema.errors import DataError
 
 
@@ -76,3 +76,40 @@ def test_fingerprint_depends_on_content_and_order() -> None:
     assert dataset_fingerprint([a, b]) != dataset_fingerprint([b, a])
     # The separators keep field boundaries: ("ab", "c") is not ("a", "bc").
     assert dataset_fingerprint([Pair("ab", "c")]) != dataset_fingerprint([Pair("a", "bc")])
+
+
+def test_quotes_are_raw_text(tmp_path: Path) -> None:
+    """Verse and chat data is full of quotes: they are characters, never TSV syntax."""
+    text = (
+        'source\ttarget\n"He said, "go"\t"He said: go"\n'
+        '"unbalanced opening\tfirst\nnext line\tsecond\n'
+        'a ""doubled"" one\t\'single\'\n'
+    )
+    assert read_pairs(_tsv(tmp_path, text)) == [
+        Pair('"He said, "go"', '"He said: go"'),
+        Pair('"unbalanced opening', "first"),  # does not swallow the next line
+        Pair("next line", "second"),
+        Pair('a ""doubled"" one', "'single'"),
+    ]
+
+
+def test_bom_and_crlf(tmp_path: Path) -> None:
+    path = tmp_path / "excel.tsv"
+    path.write_bytes("\ufeffsource\ttarget\r\nThou art.\tYou are.\r\n\r\nGo.\tGo.\r\n".encode())
+    assert read_pairs(path) == [Pair("Thou art.", "You are."), Pair("Go.", "Go.")]
+
+
+def test_errors_and_origins_name_the_file_line(tmp_path: Path) -> None:
+    path = _tsv(tmp_path, 'source\ttarget\n\n"a\tb\n\nc\td\n"e\tf\textra\n')
+    with pytest.raises(DataError, match=r"d\.tsv:6: malformed row"):
+        read_pairs(path)
+    pairs = read_pairs(path, max_pairs=2)
+    assert [p.origin for p in pairs] == [f"{path}:3", f"{path}:5"]
+
+
+def test_write_pairs_round_trips(tmp_path: Path) -> None:
+    pairs = [Pair('"quoted" start', 'end "quoted"'), Pair("a 'b' c", "\u00e9\u00e8")]
+    path = write_pairs(tmp_path / "w.tsv", pairs)
+    assert read_pairs(path) == pairs
+    with pytest.raises(DataError, match="tab or line break"):
+        write_pairs(tmp_path / "x.tsv", [Pair("a\tb", "c")])

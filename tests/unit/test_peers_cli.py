@@ -94,6 +94,8 @@ def test_private_training_reports_epsilon(
         (["--method", "lora", "--dp-epsilon", "3"], "--dp-epsilon is implemented for"),
         (["--method", "lora", "--model", "/nonexistent/model"], "/nonexistent/model"),
         (["--method", "copy", "--train", "/nonexistent.tsv"], "/nonexistent.tsv"),
+        (["--method", "lora", "--targets", "nonexistent"], "--targets nonexistent: no such module"),
+        (["--method", "adamix", "--targets", "nonexistent"], "no linear layer named"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(
