@@ -49,6 +49,7 @@ BEST = {
     "lr": 1e-3,
     "batch_size": 256,
     "epochs": 8,
+    "source_prior": 0.0,
 }
 
 
@@ -166,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SCHEDULES,
         default=BEST["schedule"],
         help="mixing: constant λ, or Gradual Unrolling (gu)",
+    )
+    t.add_argument(
+        "--source-prior",
+        type=float,
+        default=BEST["source_prior"],
+        help="β of the source prior in P_PEMA: boosts the tokens of each row's own source text "
+        "(good for rewriting tasks; 0 turns it off; beyond the paper, see README)",
+    )
+    t.add_argument(
+        "--fixed-source-prior",
+        action="store_true",
+        help="keep β at --source-prior instead of learning it",
     )
     t.add_argument("--lr", type=float, default=BEST["lr"], help="learning rate")
     t.add_argument(
@@ -302,6 +315,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         template=args.template,
         memory_mode=args.memory_mode,
         mixture=args.mixture if args.adapter == "pema-mix" else 1,
+        source_prior=args.source_prior,
     )
     if args.dp_epsilon is not None:
         # Opacus replays the adapter per sample, where a fresh dropout mask would be drawn.
@@ -317,6 +331,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon,
         dp_max_grad_norm=args.dp_max_grad_norm,
         dp_batch_pairs=args.dp_batch_pairs,
+        learn_source_prior=not args.fixed_source_prior,
     )
     backend = _backend(args)
     store = None if args.no_cache else DiskMemoryStore(cache_dir() / "memories")

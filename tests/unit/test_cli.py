@@ -79,16 +79,24 @@ def _assert_nothing_left(out: Path) -> None:
 def _train_args(data: dict[str, Path], train: Path, out: Path, model: Path) -> list[str]:
     return [
         "train",
-        "--train", str(train),
-        "--valid", str(data["valid"]),
-        "--out", str(out),
-        "--model", str(model),
-        "--epochs", "1",
-        "--rct-epochs", "1",
-        "--max-pairs", "8",
+        "--train",
+        str(train),
+        "--valid",
+        str(data["valid"]),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--epochs",
+        "1",
+        "--rct-epochs",
+        "1",
+        "--max-pairs",
+        "8",
         "--no-cache",
-        "--threads", "1",
-    ]  # fmt: skip
+        "--threads",
+        "1",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -436,3 +444,29 @@ def test_cache_list_and_clear(
     assert main(["cache", "clear"]) == 0
     assert main(["cache", "list"]) == 0
     assert "no cached memories" in capsys.readouterr().out
+
+
+def test_train_with_a_source_prior_then_generate(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pema.adapter import load_adapter
+
+    monkeypatch.setenv("PEMA_CACHE_DIR", str(tmp_path / "cache"))
+    train = _write_tsv(tmp_path / "train.tsv", TRAIN_ROWS)
+    valid = _write_tsv(tmp_path / "valid.tsv", TRAIN_ROWS[:3])
+    out = tmp_path / "adapter"
+    args = _train_args({"valid": valid}, train, out, tiny_model_dir)
+    assert (
+        main([*args, "--rank", "4", "--source-prior", "2.5", "--fixed-source-prior", "--quiet"])
+        == 0
+    )
+    adapter, _ = load_adapter(out)
+    assert adapter.config.source_prior == 2.5
+    assert float(adapter.source_beta.detach()) == 2.5  # type: ignore[union-attr]
+    capsys.readouterr()
+    # Generation feeds each text's own tokens to the prior.
+    assert main(["generate", "--adapter", str(out), "--model", str(tiny_model_dir), "Amen."]) == 0
+    assert capsys.readouterr().out.count("\n") == 1
