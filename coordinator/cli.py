@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,9 @@ from types import FrameType
 
 from coordinator.config import CoordinatorConfig, TlsConfig, hash_token, load_tenants
 from pema.errors import PemaError
+
+# SIGTERM: the process is gone at most this long after the grace period, whatever still runs.
+EXIT_MARGIN_SECONDS = 4.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +43,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-tokens", type=int, default=4096)
     s.add_argument("--max-queued-tokens", type=int, default=262144)
     s.add_argument("--max-message-bytes", type=int, default=8 << 20)
-    s.add_argument("--grace-seconds", type=float, default=30.0)
+    s.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=30.0,
+        help="SIGTERM: in-flight calls get this long, then are cancelled; the process exits "
+        f"at most {EXIT_MARGIN_SECONDS:g} s later (default: %(default)s)",
+    )
+    s.add_argument(
+        "--resume-window-seconds",
+        type=float,
+        default=120.0,
+        help="a decode session whose stream dropped can be resumed this long (default: "
+        "%(default)s); a new session at the tenant's limit replaces its oldest dropped one",
+    )
+    s.add_argument(
+        "--rpc-threads",
+        type=int,
+        default=32,
+        help="threads for tenants' calls; all but 4 may hold admitted calls (default: %(default)s)",
+    )
+    s.add_argument(
+        "--reserved-calls",
+        type=int,
+        default=2,
+        help="calls per tenant that no other tenant can take from the server-wide budget "
+        "(default: %(default)s)",
+    )
+    s.add_argument(
+        "--reflection",
+        action="store_true",
+        help="serve gRPC server reflection, unauthenticated (default: off)",
+    )
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--log-level", default="INFO")
     h = sub.add_parser("hash-token", help="print the sha256 of a token for the tenants file")
@@ -70,6 +105,10 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         max_queued_tokens=args.max_queued_tokens,
         max_message_bytes=args.max_message_bytes,
         grace_seconds=args.grace_seconds,
+        session_idle_seconds=args.resume_window_seconds,
+        rpc_threads=args.rpc_threads,
+        reserved_calls=args.reserved_calls,
+        reflection=args.reflection,
         threads=args.threads,
     )
 
@@ -92,7 +131,19 @@ def serve(config: CoordinatorConfig) -> int:
         flush=True,
     )
     stop.wait()
-    logging.getLogger(__name__).info("signal received: draining")
+    log = logging.getLogger(__name__)
+    log.info("signal received: draining")
+
+    def hard_exit() -> None:
+        # A call that ignores cancellation (a thread stuck where gRPC cannot reach it) must not
+        # keep a SIGTERM'd pod alive until the kubelet kills it.
+        log.error("shutdown still running %.1f s after its grace: exiting", EXIT_MARGIN_SECONDS)
+        logging.shutdown()
+        os._exit(1)
+
+    watchdog = threading.Timer(config.grace_seconds + EXIT_MARGIN_SECONDS, hard_exit)
+    watchdog.daemon = True
+    watchdog.start()
     server.stop()
     return 0
 

@@ -80,6 +80,7 @@ class Env:
             max_queued_tokens=3000,
             max_message_bytes=64 << 10,
             grace_seconds=2.0,
+            reflection=True,
         )
         lm, tokenizer = load_model(self.config)
         self.server = CoordinatorServer(self.config, lm, tokenizer)
@@ -487,10 +488,17 @@ def test_bad_input(env: Env) -> None:
     for expected, (code, msg) in dcases.items():
         assert code == C.INVALID_ARGUMENT, (expected, code, msg)
         assert expected in msg, (expected, msg)
-    code, _ = status_of(
-        lambda: stub.GetHead(pb.GetHeadRequest(chunk_bytes=-1), metadata=md("alpha"), timeout=5)
+    for chunk_bytes in (-1, 1, (64 << 10) - 1):
+        code, msg = status_of(
+            lambda: stub.GetHead(
+                pb.GetHeadRequest(chunk_bytes=chunk_bytes), metadata=md("alpha"), timeout=5
+            )
+        )
+        assert code == C.INVALID_ARGUMENT and "at least 65536" in msg, (chunk_bytes, msg)
+    chunks = list(
+        stub.GetHead(pb.GetHeadRequest(chunk_bytes=64 << 10), metadata=md("alpha"), timeout=10)
     )
-    assert code == C.INVALID_ARGUMENT
+    assert len(chunks) > 2 and all(c.ByteSize() <= (64 << 10) + 1024 for c in chunks)
     assert_serving(env)
 
 
