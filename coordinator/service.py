@@ -63,6 +63,8 @@ RESULT_POLL_SECONDS = 0.5
 # The smallest GetHead chunk a caller may ask for: below it the per-message overhead dominates
 # (chunk_bytes=1 streamed ~12,000 messages/s and would take over an hour for the default head).
 MIN_HEAD_CHUNK_BYTES = 64 << 10
+DEADLINE_SLACK_SECONDS = 1.0
+SETTLE_SECONDS = 0.05
 
 
 @dataclass
@@ -87,12 +89,29 @@ class TenantState:
         self.tokens = 0
 
 
-def ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
-    """Why a call the client no longer waits for ended: its deadline passed, or it cancelled."""
+def past_deadline(context: grpc.ServicerContext, slack: float = 0.0) -> bool:
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    return remaining is not None and remaining <= slack
+
+
+def ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """Why a call the client no longer waits for ended: its deadline passed, or it cancelled.
+
+    The client's clock fires first and cancels; the server's copy of the deadline (the timeout
+    as received) passes a moment later, so a call ending within DEADLINE_SLACK_SECONDS of it
+    counts as DEADLINE_EXCEEDED."""
+    if past_deadline(context, DEADLINE_SLACK_SECONDS):
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
+
+
+def settle(context: grpc.ServicerContext) -> None:
+    """After a request stream ended without a close message: a client that cancelled (or hit
+    its deadline) ends the stream the same way, and its cancellation shows a moment later. Wait
+    that moment, so the call is counted as what it was."""
+    until = time.monotonic() + SETTLE_SECONDS
+    while context.is_active() and time.monotonic() < until:
+        time.sleep(0.005)
 
 
 class CoordinatorService:
@@ -203,7 +222,12 @@ class CoordinatorService:
                 context.abort(code, message)
             code = ended_code(context)
         finally:
-            if code == grpc.StatusCode.OK and not context.is_active():
+            # A deadline that passes while a request stream is read ends that stream like a
+            # half-close, a moment before the server's copy of the deadline: the handler returns
+            # normally, but nobody receives its answer.
+            if code == grpc.StatusCode.OK and (
+                not context.is_active() or past_deadline(context, DEADLINE_SLACK_SECONDS)
+            ):
                 code = ended_code(context)
             if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
                 log.info("%s %s: %s", tenant_id or "-", method, code.name)
@@ -478,6 +502,8 @@ class CoordinatorService:
                     else:
                         raise DataError("empty decode message")
                     yield self._reply(session, dtype)
+                else:
+                    settle(context)
             finally:
                 if session is not None:
                     self._release(session, closed)
