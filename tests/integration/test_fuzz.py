@@ -22,7 +22,7 @@ from pema.models import default_model_dir
 from proto.gen.pemaservice.v1 import coordinator_pb2 as pb
 
 SEED = 20261130
-CASES = 30
+CASES = 200
 C = grpc.StatusCode
 CREDENTIALS: list[tuple[tuple[str, str], ...]] = [
     (),
