@@ -497,7 +497,7 @@ def test_bad_input(env: Env) -> None:
         )
         assert code == C.INVALID_ARGUMENT and "at least 65536" in msg, (chunk_bytes, msg)
     chunks = list(
-        stub.GetHead(pb.GetHeadRequest(chunk_bytes=64 << 10), metadata=md("alpha"), timeout=10)
+        stub.GetHead(pb.GetHeadRequest(chunk_bytes=64 << 10), metadata=md("alpha"), timeout=60)
     )
     assert len(chunks) > 2 and all(c.ByteSize() <= (64 << 10) + 1024 for c in chunks)
     assert_serving(env)
