@@ -6,6 +6,7 @@ import argparse
 import errno
 import getpass
 import logging
+import os
 import secrets
 import signal
 import socket
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 
 def metrics_port(text: str) -> int:
     return -1 if text.strip() == "-1" else port(text)
+
+
+# SIGTERM: the process is gone at most this long after the grace period, whatever still runs.
+EXIT_MARGIN_SECONDS = 4.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +97,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-seconds",
         type=float,
         default=30.0,
-        help="SIGTERM: how long in-flight calls get to finish",
+        help="SIGTERM: in-flight calls get this long, then are cancelled; the process exits "
+        f"at most {EXIT_MARGIN_SECONDS:g} s later",
+    )
+    s.add_argument(
+        "--resume-window-seconds",
+        type=float,
+        default=120.0,
+        help="a decode session whose stream dropped can be resumed this long; a new session "
+        "at the tenant's limit replaces its oldest dropped one",
+    )
+    s.add_argument(
+        "--rpc-threads",
+        type=positive_int,
+        default=32,
+        help="threads for tenants' calls; all but 4 may hold admitted calls",
+    )
+    s.add_argument(
+        "--reserved-calls",
+        type=positive_int,
+        default=2,
+        help="calls per tenant that no other tenant can take from the server-wide budget",
+    )
+    s.add_argument(
+        "--reflection",
+        action="store_true",
+        help="serve gRPC server reflection, unauthenticated (off unless given)",
     )
     s.add_argument(
         "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
@@ -135,6 +165,10 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         max_queued_tokens=args.max_queued_tokens,
         max_message_bytes=args.max_message_bytes,
         grace_seconds=args.grace_seconds,
+        session_idle_seconds=args.resume_window_seconds,
+        rpc_threads=args.rpc_threads,
+        reserved_calls=args.reserved_calls,
+        reflection=args.reflection,
         threads=args.threads,
     )
 
@@ -206,8 +240,25 @@ def serve(config: CoordinatorConfig, tenants_path: Path | None) -> int:
         reload_tenants(server, tenants_path)
         print("pema-coordinator: tenants reloaded", flush=True)
     log.info("signal received: draining")
+
+    def hard_exit() -> None:
+        # A call that ignores cancellation (a thread stuck where gRPC cannot reach it) must not
+        # keep a SIGTERM'd pod alive until the kubelet kills it.
+        log.error("shutdown still running %.1f s after its grace: exiting", EXIT_MARGIN_SECONDS)
+        logging.shutdown()
+        os._exit(1)
+
+    watchdog = threading.Timer(config.grace_seconds + EXIT_MARGIN_SECONDS, hard_exit)
+    watchdog.daemon = True
+    watchdog.start()
     server.stop()
-    return 0
+    # Everything is stopped and nothing is left to save. Interpreter teardown would garbage-collect
+    # grpcio's server while a client still holds a connection open, which blocks in C with the
+    # GIL held (about 5 s with one open stream, measured), where the watchdog cannot run.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def provision_model(cache: Path | None) -> int:

@@ -33,6 +33,8 @@ TENANTS_ENV = "PEMA_COORDINATOR_TENANTS"
 # Tenant ids become Prometheus label values and log fields: keep them short and plain.
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _STRICT = ConfigDict(extra="forbid", strict=True)
+# Threads of the RPC pool never handed to admitted calls: they run the admission check itself.
+RPC_HEADROOM = 4
 
 
 class ConfigError(PemaError):
@@ -172,7 +174,9 @@ class CoordinatorConfig:
     head_chunk_bytes: int = 1 << 20
     session_idle_seconds: float = 120.0  # a detached decode session is kept this long for resume
     grace_seconds: float = 30.0  # SIGTERM: in-flight calls get this long to finish
-    rpc_threads: int = 32
+    rpc_threads: int = 32  # tenants' calls; rpc_threads - RPC_HEADROOM may be admitted at once
+    reserved_calls: int = 2  # of those, each tenant's own: no other tenant can take them
+    reflection: bool = False  # gRPC server reflection (unauthenticated: off unless asked for)
     threads: int | None = None  # torch CPU threads of the model worker
 
     def __post_init__(self) -> None:
@@ -190,9 +194,16 @@ class CoordinatorConfig:
             "max_message_bytes",
             "head_chunk_bytes",
             "rpc_threads",
+            "reserved_calls",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
+        budget = self.rpc_threads - RPC_HEADROOM
+        if self.reserved_calls * len(self.tenants) > budget:
+            raise ConfigError(
+                f"{len(self.tenants)} tenants x {self.reserved_calls} reserved calls exceed the "
+                f"{budget} calls {self.rpc_threads} RPC threads admit; raise rpc_threads"
+            )
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads must be positive")
         if self.session_idle_seconds < 0 or self.grace_seconds < 0:

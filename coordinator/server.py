@@ -5,27 +5,56 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from coordinator.config import ConfigError, CoordinatorConfig, Tenant
 from coordinator.metrics import Metrics
-from coordinator.service import SERVICE_NAME, CoordinatorService
+from coordinator.service import SERVICE_NAME, CoordinatorService, method_handlers
 from coordinator.worker import ModelWorker
 from pema.backbone import FrozenLM
 from pema.dtypes import resolve_dtype
 from pema.models import DEFAULT_MODEL_NAME, load_causal_lm, model_revision, resolve_model_dir
-from proto.gen.pemaservice.v1 import coordinator_pb2_grpc as pb_grpc
+from proto.gen.pemaservice.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
 SESSION_SWEEP_SECONDS = 10.0
+# Health checks and reflection run on small pools of their own: a flood of either cannot take the
+# threads tenants' calls run on, nor can tenants' calls starve the kubelet's probes.
+HEALTH_THREADS = 4
+REFLECTION_THREADS = 2
+# A reflection stream carries no credentials: it is cancelled after this long, so idle ones do
+# not hold even their own pool.
+REFLECTION_STREAM_SECONDS = 10.0
+# After the grace period gRPC cancels what is left; this long more and stop() returns regardless.
+STOP_MARGIN_SECONDS = 2.0
+
+
+class BoundedReflection(reflection.ReflectionServicer):
+    """Server reflection whose streams end after REFLECTION_STREAM_SECONDS."""
+
+    def ServerReflectionInfo(
+        self,
+        request_iterator: Iterator[reflection_pb2.ServerReflectionRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[reflection_pb2.ServerReflectionResponse]:
+        timer = threading.Timer(REFLECTION_STREAM_SECONDS, context.cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield from super().ServerReflectionInfo(request_iterator, context)
+        except grpc.RpcError:
+            return  # cancelled (by the timer or the client): nobody to answer
+        finally:
+            timer.cancel()
 
 
 def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
@@ -69,8 +98,12 @@ class CoordinatorServer:
         # gRPC's own size check answers RESOURCE_EXHAUSTED; it sits above ours (INVALID_ARGUMENT,
         # with a message saying what to do), so only absurd messages meet it.
         limit = 2 * config.max_message_bytes
-        self.server = grpc.server(
+        self._pools = [
             futures.ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="rpc"),
+            futures.ThreadPoolExecutor(HEALTH_THREADS, thread_name_prefix="health"),
+        ]
+        self.server = grpc.server(
+            self._pools[0],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", 64 << 20),
@@ -79,16 +112,25 @@ class CoordinatorServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            self.server,
-        )
+        service = pb.DESCRIPTOR.services_by_name["Coordinator"]
+        health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+        handlers = [
+            method_handlers(service, self.service, raw_requests=True),
+            method_handlers(health_service, self.health, self._pools[1]),
+        ]
+        if config.reflection:
+            self._pools.append(
+                futures.ThreadPoolExecutor(REFLECTION_THREADS, thread_name_prefix="reflection")
+            )
+            names = [SERVICE_NAME, health_service.full_name, reflection.SERVICE_NAME]
+            handlers.append(
+                method_handlers(
+                    reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+                    BoundedReflection(names),
+                    self._pools[2],
+                )
+            )
+        self.server.add_generic_rpc_handlers(handlers)
         self.port = 0
         self.metrics_port: int | None = None
         self._metrics_http: WSGIServer | None = None
@@ -145,17 +187,34 @@ class CoordinatorServer:
         while not self._stopped.wait(SESSION_SWEEP_SECONDS):
             self.service.expire_sessions()
 
-    def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, let in-flight calls finish (up to grace)."""
+    def stop(self, grace: float | None = None) -> bool:
+        """Health NOT_SERVING, refuse new calls, let in-flight calls finish (up to grace), then
+        cancel the rest. Returns within grace + STOP_MARGIN_SECONDS (+ a model pass running at
+        that moment); False if gRPC had not finished stopping by then."""
         grace = self.config.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        stopped = self.server.stop(grace)
+        drained = stopped.wait(grace)
+        if not drained:
+            cut = self.service.in_flight()
+            log.warning(
+                "grace period of %.1f s over: cancelling %d calls (%s)",
+                grace,
+                sum(cut.values()),
+                ", ".join(f"{t} {m} x{n}" for (t, m), n in sorted(cut.items())) or "none",
+            )
+            drained = stopped.wait(STOP_MARGIN_SECONDS)
+            if not drained:
+                log.warning("gRPC had not stopped %.1f s after its grace: giving up", grace)
         self.worker.stop()
         self._stopped.set()
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         log.info("coordinator stopped")
+        return drained
 
     def wait(self) -> None:
         self.server.wait_for_termination()

@@ -7,6 +7,7 @@ starts `pema-coordinator serve` as a subprocess to check SIGTERM handling.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -80,6 +81,7 @@ class Env:
             max_queued_tokens=3000,
             max_message_bytes=64 << 10,
             grace_seconds=2.0,
+            reflection=True,
         )
         lm, tokenizer = load_model(self.config)
         self.server = CoordinatorServer(self.config, lm, tokenizer)
@@ -487,10 +489,17 @@ def test_bad_input(env: Env) -> None:
     for expected, (code, msg) in dcases.items():
         assert code == C.INVALID_ARGUMENT, (expected, code, msg)
         assert expected in msg, (expected, msg)
-    code, _ = status_of(
-        lambda: stub.GetHead(pb.GetHeadRequest(chunk_bytes=-1), metadata=md("alpha"), timeout=5)
+    for chunk_bytes in (-1, 1, (64 << 10) - 1):
+        code, msg = status_of(
+            lambda n=chunk_bytes: stub.GetHead(  # type: ignore[misc]
+                pb.GetHeadRequest(chunk_bytes=n), metadata=md("alpha"), timeout=5
+            )
+        )
+        assert code == C.INVALID_ARGUMENT and "at least 65536" in msg, (chunk_bytes, msg)
+    chunks = list(
+        stub.GetHead(pb.GetHeadRequest(chunk_bytes=64 << 10), metadata=md("alpha"), timeout=60)
     )
-    assert code == C.INVALID_ARGUMENT
+    assert len(chunks) > 2 and all(c.ByteSize() <= (64 << 10) + 1024 for c in chunks)
     assert_serving(env)
 
 
@@ -579,10 +588,14 @@ def test_metrics(env: Env) -> None:
 # -- the CLI: serve, health, SIGTERM -------------------------------------------------------------
 
 
-def test_serve_cli_and_sigterm(env: Env, tmp_path: Path) -> None:
-    tenants = tmp_path / "tenants.json"
-    tenants.write_text(
-        json.dumps({"tenants": [{"id": "alpha", "token_sha256": hash_token(TOKENS["alpha"])}]})
+def start_cli(
+    env: Env, tmp_path: Path, grace: float, *tenants: str
+) -> tuple[subprocess.Popen[str], int]:
+    """`pema-coordinator serve` as a subprocess on a free port, serving `tenants`; its log goes
+    to tmp_path / "coordinator.log"."""
+    path = tmp_path / "tenants.json"
+    path.write_text(
+        json.dumps({"tenants": [{"id": t, "token_sha256": hash_token(TOKENS[t])} for t in tenants]})
     )
     proc = subprocess.Popen(
         [
@@ -601,21 +614,27 @@ def test_serve_cli_and_sigterm(env: Env, tmp_path: Path) -> None:
             "--metrics-port",
             "-1",
             "--tenants",
-            str(tenants),
+            str(path),
             "--grace-seconds",
-            "20",
+            str(grace),
             "--log-level",
-            "WARNING",
+            "INFO",
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=(tmp_path / "coordinator.log").open("w"),
         text=True,
         env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
     )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if "listening on port" not in line:
+        proc.kill()
+        raise AssertionError((line, (tmp_path / "coordinator.log").read_text()))
+    return proc, int(line.split("port ")[1].split(",")[0])
+
+
+def test_serve_cli_and_sigterm(env: Env, tmp_path: Path) -> None:
+    proc, port = start_cli(env, tmp_path, 20, "alpha")
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert "listening on port" in line, (line, proc.stderr.read() if proc.stderr else "")
-        port = int(line.split("port ")[1].split(",")[0])
         client = CoordinatorClient(
             ClientConfig(f"127.0.0.1:{port}", TOKENS["alpha"], decode_dtype="float32")
         )
@@ -671,3 +690,323 @@ def test_tenant_cli_through_coordinator(
         os.environ.pop("PEMA_TOKEN", None)
     assert tenant_main(["generate", "--adapter", str(out), "--coordinator", env.address, "x"]) == 2
     assert "needs --token" in capsys.readouterr().err
+
+
+# -- hostile or careless tenants -----------------------------------------------------------------
+
+METHOD = "/pemaservice.v1.Coordinator/"
+# How each method is called; the stubs built from these carry raw bytes both ways.
+KINDS = {
+    "GetModelInfo": "unary_unary",
+    "GetTokenizer": "unary_unary",
+    "GetHead": "unary_stream",
+    "Encode": "unary_stream",
+    "Decode": "stream_stream",
+}
+GARBAGE = b"\xff" * 16  # an over-long varint: no protobuf message parses from it
+
+
+def raw_call(
+    channel: grpc.Channel,
+    method: str,
+    payloads: list[bytes],
+    metadata: tuple[tuple[str, str], ...] = (),
+    timeout: float = 10,
+) -> tuple[grpc.StatusCode, str, list[bytes]]:
+    """Send request bytes as they are; (status code, details, reply bytes)."""
+    kind = KINDS[method]
+    fn = getattr(channel, kind)(METHOD + method)
+    replies: list[bytes] = []
+    try:
+        if kind == "stream_stream":
+            replies.extend(fn(iter(payloads), metadata=metadata, timeout=timeout))
+        elif kind == "unary_stream":
+            replies.extend(fn(payloads[0], metadata=metadata, timeout=timeout))
+        else:
+            replies.append(fn(payloads[0], metadata=metadata, timeout=timeout))
+    except grpc.RpcError as e:
+        return e.code(), e.details() or "", replies
+    return C.OK, "", replies
+
+
+def requests_total(env: Env, **labels: str) -> float:
+    return sample(env, "pema_coordinator_requests_total", **labels)
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_undecodable_requests_are_invalid_argument(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    channel = env.client("alpha").channel
+    internal = requests_total(env, code="INTERNAL")
+    start = pb.DecodeRequest(start=pb.DecodeStart(prompts=[pb.Prompt(ids=[1, 2])]))
+    for method in KINDS:
+        code, msg, _ = raw_call(channel, method, [GARBAGE], md("alpha"))
+        assert code == C.INVALID_ARGUMENT and "undecodable" in msg, (method, code, msg)
+        # Without credentials the caller learns nothing else: authentication comes first.
+        code, msg, _ = raw_call(channel, method, [GARBAGE])
+        assert code == C.UNAUTHENTICATED, (method, code, msg)
+    # Garbage after a valid start: the session is set up, then the stream fails cleanly.
+    code, msg, replies = raw_call(
+        channel, "Decode", [start.SerializeToString(), GARBAGE], md("alpha")
+    )
+    assert code == C.INVALID_ARGUMENT and len(replies) == 1
+    assert requests_total(env, code="INTERNAL") == internal
+    assert requests_total(env, tenant="alpha", method="Decode", code="INVALID_ARGUMENT") >= 2
+    assert not errors_logged(caplog)
+    assert_serving(env)
+
+
+def test_sigterm_after_undecodable_decode_messages_exits_in_time(env: Env, tmp_path: Path) -> None:
+    """The campaign's scenario: 40 authenticated Decode streams of one undecodable message each,
+    then SIGTERM, with one more stream still open: the process is gone within grace + 5 s."""
+    grace = 3.0
+    proc, port = start_cli(env, tmp_path, grace, "alpha")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    gate = threading.Event()
+    try:
+        decode = channel.stream_stream(METHOD + "Decode")
+        calls = [decode(iter([b"\xff" * 8]), metadata=md("alpha"), timeout=30) for _ in range(40)]
+        codes = []
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            codes.append(info.value.code())
+        assert codes == [C.INVALID_ARGUMENT] * 40
+
+        def held() -> Iterator[bytes]:
+            yield pb.DecodeRequest(
+                start=pb.DecodeStart(prompts=[pb.Prompt(ids=[1, 2, 3])])
+            ).SerializeToString()
+            gate.wait(60)
+
+        open_stream = decode(held(), metadata=md("alpha"), timeout=60)
+        next(open_stream)  # a session is running when the signal comes
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=grace + 5)
+        assert time.monotonic() - t0 <= grace + 5
+        assert rc == 0
+        log = (tmp_path / "coordinator.log").read_text()
+        assert "cancelling 1 calls (alpha Decode x1)" in log, log
+        assert "Traceback" not in log and "Exception deserializing" not in log, log
+    finally:
+        gate.set()
+        channel.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cancel_and_deadline_are_counted_as_such(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    stub = env.stub()
+    keys = [
+        (m, c)
+        for m in ("Decode", "Encode", "GetHead")
+        for c in ("CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL")
+    ]
+    before = {k: requests_total(env, tenant="alpha", method=k[0], code=k[1]) for k in keys}
+    gate = threading.Event()
+    start = pb.DecodeRequest(start=pb.DecodeStart(prompts=[pb.Prompt(ids=[1, 2, 3])]))
+
+    def held() -> Iterator[pb.DecodeRequest]:
+        yield start
+        gate.wait(30)
+
+    try:
+        cancelled = stub.Decode(held(), metadata=md("alpha"), timeout=30)
+        next(cancelled)
+        cancelled.cancel()
+        late = stub.Decode(held(), metadata=md("alpha"), timeout=2)
+        next(late)
+        with pytest.raises(grpc.RpcError) as info:
+            list(late)
+        assert info.value.code() == C.DEADLINE_EXCEEDED
+        with env.server.worker.hold():
+            item = pb.EncodeItem(prompt=[1, 2], target=[3])
+            request = pb.EncodeRequest(mode=pb.MEMORY_MODE_TEACHER_FORCED, items=[item])
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Encode(request, metadata=md("alpha"), timeout=0.5))
+            assert info.value.code() == C.DEADLINE_EXCEEDED
+            time.sleep(1.0)  # the handler notices within its poll interval
+        head = stub.GetHead(pb.GetHeadRequest(chunk_bytes=64 << 10), metadata=md("alpha"))
+        next(head)
+        head.cancel()
+    finally:
+        gate.set()
+    want = {
+        ("Decode", "CANCELLED"): 1,
+        ("Decode", "DEADLINE_EXCEEDED"): 1,
+        ("Encode", "DEADLINE_EXCEEDED"): 1,
+        ("GetHead", "CANCELLED"): 1,
+    }
+    deadline = time.time() + 10
+    while True:
+        got = {
+            k: requests_total(env, tenant="alpha", method=k[0], code=k[1]) - before[k] for k in keys
+        }
+        if all(got[k] >= n for k, n in want.items()) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(got[k] >= n for k, n in want.items()), sorted(got.items())
+    assert all(got[(m, "INTERNAL")] == 0 for m in ("Decode", "Encode", "GetHead")), got
+    assert not errors_logged(caplog)
+    assert_serving(env)
+
+
+def test_long_caller_strings_are_not_echoed(env: Env) -> None:
+    stub = env.stub()
+
+    def decode(msg: pb.DecodeRequest) -> tuple[grpc.StatusCode, str]:
+        return status_of(lambda: stub.Decode(iter([msg]), metadata=md("alpha"), timeout=10))
+
+    code, msg = decode(pb.DecodeRequest(resume=pb.DecodeResume(session_id="x" * 20000)))
+    assert code == C.NOT_FOUND and len(msg) < 200, (code, msg[:300])
+    code, msg = decode(
+        pb.DecodeRequest(
+            start=pb.DecodeStart(prompts=[pb.Prompt(ids=[1])], hidden_dtype="y" * 20000)
+        )
+    )
+    assert code == C.INVALID_ARGUMENT and "hidden_dtype" in msg and len(msg) < 200
+
+
+def test_tenants_within_limits_cannot_lock_out_another(env: Env) -> None:
+    """Four tenants each try to hold 7 idle Decode streams (their limit is 8): some are refused
+    UNAVAILABLE, but a fifth tenant's call and each tenant's reserved calls still get through."""
+    stub = env.stub()
+    gate = threading.Event()
+
+    def idle() -> Iterator[pb.DecodeRequest]:
+        gate.wait(30)
+        return
+        yield
+
+    service = env.server.service
+    calls = {
+        t: [stub.Decode(idle(), metadata=md(t), timeout=30) for _ in range(7)] for t in TENANTS[3:7]
+    }
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            held = service._active_calls
+            time.sleep(0.5)
+            if service._active_calls == held and held >= 8:
+                break
+        r = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=md("beta"), timeout=5)
+        assert r.hidden_size == 32
+        for t in TENANTS[3:7]:
+            assert service._state[t].calls >= env.config.reserved_calls
+    finally:
+        gate.set()
+    codes: list[grpc.StatusCode] = []
+    for cs in calls.values():
+        for c in cs:
+            try:
+                list(c)
+                codes.append(C.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+    assert set(codes) <= {C.OK, C.UNAVAILABLE} and C.OK in codes and C.UNAVAILABLE in codes
+    assert_serving(env)
+
+
+def test_unauthenticated_streams_cannot_starve_tenants(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 idle reflection streams without credentials: tenants and health checks are served,
+    and the server ends reflection streams by itself."""
+    from grpc_reflection.v1alpha import reflection_pb2_grpc
+
+    import coordinator.server
+
+    monkeypatch.setattr(coordinator.server, "REFLECTION_STREAM_SECONDS", 2.0)
+    assert CoordinatorConfig(tenants=env.config.tenants).reflection is False  # off by default
+    channel = grpc.insecure_channel(env.address)
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    gate = threading.Event()
+
+    def idle() -> Iterator[Any]:
+        gate.wait(30)
+        return
+        yield
+
+    streams = [refl.ServerReflectionInfo(idle(), timeout=30) for _ in range(40)]
+    try:
+        time.sleep(0.5)
+        r = env.stub().GetModelInfo(pb.GetModelInfoRequest(), metadata=md("beta"), timeout=5)
+        assert r.hidden_size == 32
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            list(streams[0])
+        assert info.value.code() == C.CANCELLED and time.monotonic() - t0 < 5
+    finally:
+        gate.set()
+        for s in streams:
+            s.cancel()
+        channel.close()
+
+
+def test_decode_steps_count_against_the_token_budget(env: Env) -> None:
+    """The small tenant may hold 300 tokens: a 5 x 50 session takes 250, ten steps 50 more."""
+    stub = env.stub()
+    start = pb.DecodeRequest(start=pb.DecodeStart(prompts=[pb.Prompt(ids=[7] * 50)] * 5))
+    step = pb.DecodeRequest(step=pb.DecodeStep(tokens=[8] * 5))
+    replies = []
+    with pytest.raises(grpc.RpcError) as info:
+        for reply in stub.Decode(iter([start] + [step] * 11), metadata=md("small"), timeout=20):
+            replies.append(reply)
+    assert info.value.code() == C.RESOURCE_EXHAUSTED
+    assert "max_tokens_in_flight" in (info.value.details() or "")
+    assert len(replies) == 11 and replies[-1].length == 60
+    state = env.server.service._state["small"]
+    assert state.tokens == 300  # the detached session still holds its KV cache
+    resume = pb.DecodeRequest(resume=pb.DecodeResume(session_id=replies[0].session_id))
+    close = pb.DecodeRequest(close=pb.DecodeClose())
+    list(stub.Decode(iter([resume, close]), metadata=md("small"), timeout=10))
+    assert state.tokens == 0
+
+
+def test_dropped_session_is_replaced_by_a_new_one(env: Env) -> None:
+    """The small tenant may hold one session; its dropped stream does not lock it out."""
+    stub = env.stub()
+    start = pb.DecodeRequest(start=pb.DecodeStart(prompts=[pb.Prompt(ids=[1, 2, 3])]))
+    close = pb.DecodeRequest(close=pb.DecodeClose())
+    first = list(stub.Decode(iter([start]), metadata=md("small"), timeout=10))  # no close
+    second = list(stub.Decode(iter([start, close]), metadata=md("small"), timeout=10))
+    assert second[0].session_id != first[0].session_id
+    resume = pb.DecodeRequest(resume=pb.DecodeResume(session_id=first[0].session_id))
+    code, _ = status_of(lambda: stub.Decode(iter([resume]), metadata=md("small"), timeout=10))
+    assert code == C.NOT_FOUND
+    assert env.server.service._state["small"].tokens == 0
+
+
+def test_limit_flags(tmp_path: Path) -> None:
+    from coordinator.cli import build_parser, config_from_args
+
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps({"tenants": [{"id": "a", "token_sha256": hash_token("x")}]}))
+    base = ["serve", "--tenants", str(path)]
+    c = config_from_args(build_parser().parse_args(base))
+    assert (c.session_idle_seconds, c.reserved_calls, c.rpc_threads, c.reflection) == (
+        120.0,
+        2,
+        32,
+        False,
+    )
+    flags = ["--resume-window-seconds", "5", "--reserved-calls", "3", "--rpc-threads", "40"]
+    c = config_from_args(build_parser().parse_args([*base, *flags, "--reflection"]))
+    assert (c.session_idle_seconds, c.reserved_calls, c.rpc_threads, c.reflection) == (
+        5.0,
+        3,
+        40,
+        True,
+    )

@@ -25,7 +25,12 @@ from tenant.backend import Backend, coordinator_backend, local_backend
 from tenant.demo import Processes, start_coordinator
 from tenant.jobs import MemoryResult, obtain_memory
 from tenant.memory_store import CacheError, DiskMemoryStore, ShardedMemoryStore
-from tenant.redis_store import RedisMemoryStore, open_memory_store, tenant_acl_rules
+from tenant.redis_store import (
+    STORE_COMMANDS,
+    RedisMemoryStore,
+    open_memory_store,
+    tenant_acl_rules,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 SHARD_PAIRS = 8
@@ -263,6 +268,73 @@ def test_acl_isolates_tenants(backend: Backend, pairs: list[Pair], client: redis
             keys = list(client.scan_iter(match=f"pema:{t}:*"))
             if keys:
                 client.delete(*keys)
+
+
+def _commands(client: redis.Redis) -> Iterator[tuple[str, int, bool, bool]]:
+    """(name, arity, takes keys, needs no auth) for every command and subcommand of the server."""
+    for name, info in client.command().items():
+        yield (
+            name,
+            info["arity"],
+            bool(info["key_specifications"]),
+            "no_auth" in info["flags"],
+        )
+        for sub in info["subcommands"]:
+            sub_name, arity, flags, *_ = sub
+            key_specs = sub[8] if len(sub) > 8 else []
+            yield sub_name.decode(), arity, bool(key_specs), b"no_auth" in flags
+
+
+def test_acl_allows_exactly_the_store_commands(client: redis.Redis) -> None:
+    """ACL DRYRUN of every command the server knows, with every argument another tenant's key,
+    and with no key at all: only the store's commands pass, and none of them on B's key."""
+    a, b = f"a{uuid.uuid4().hex[:10]}", f"b{uuid.uuid4().hex[:10]}"
+    user = f"pema-test-{a}"
+    client.execute_command("ACL", "SETUSER", user, *tenant_acl_rules(a, secrets.token_hex(16)))
+    try:
+        allowed: dict[str, set[str]] = {"other": set(), "none": set()}
+        free: set[str] = set()  # AUTH, HELLO, QUIT, RESET: any connection may run them
+        checked = 0
+        for name, arity, has_keys, no_auth in _commands(client):
+            words = name.split("|")
+            missing = max(abs(arity) - len(words), 0)
+            for kind, filler in (("other", f"pema:{b}:mem:x:manifest"), ("none", "1")):
+                if kind == "none" and has_keys:
+                    continue  # its argument would be a key named "1", outside A's prefix too
+                args = [*words, *[filler] * missing]
+                try:
+                    reply = client.execute_command("ACL", "DRYRUN", user, *args)
+                except redis.exceptions.ResponseError:
+                    # Not a runnable command line (a container command without a valid
+                    # subcommand); each subcommand is tried on its own.
+                    continue
+                checked += 1
+                if reply in (b"OK", "OK"):
+                    (free if no_auth else allowed[kind]).add(name)
+        assert checked > 300  # every command of Redis 7 and its subcommands
+        assert allowed["none"] <= set(STORE_COMMANDS), allowed["none"]
+        # With B's key in every position, only commands without keys pass.
+        assert allowed["other"] <= {"ping", "select"}, allowed["other"]
+        assert free <= {"auth", "hello", "quit", "reset"}, free  # this connection only
+        for refused in (
+            "client|tracking",
+            "function|flush",
+            "function|delete",
+            "dbsize",
+            "pfmerge",
+        ):
+            assert refused not in allowed["none"] | allowed["other"]
+        # The store's commands do work on A's own keys.
+        own = f"pema:{a}:probe"
+        for args in (
+            ("get", own),
+            ("set", own, "1", "EX", "5"),
+            ("expire", own, "5"),
+            ("del", own),
+        ):
+            assert client.execute_command("ACL", "DRYRUN", user, *args) in (b"OK", "OK"), args
+    finally:
+        client.execute_command("ACL", "DELUSER", user)
 
 
 def _dead_port() -> int:

@@ -4,7 +4,8 @@ isort:skip_file
 The coordinator's wire API: the frozen model's representations, its LM head and tokenizer.
 
 Versioned package: breaking changes go to pemaservice.v2, never into v1.
-Every call carries `authorization: Bearer <token>` metadata.
+Every call carries `authorization: Bearer <token>` metadata; it is checked before the request
+is parsed (a request that does not parse is INVALID_ARGUMENT).
 """
 
 from collections import abc as _abc
@@ -188,7 +189,10 @@ class GetHeadRequest(_message.Message):
 
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     chunk_bytes: _builtins.int
-    """Upper bound on the bytes of tensor data per chunk; 0 means the server's default."""
+    """Upper bound on the bytes of tensor data per chunk; 0 means the server's default (1 MiB).
+    Must be 0 or at least 65536 (64 KiB): smaller chunks are INVALID_ARGUMENT, since per-message
+    overhead would then dominate (1-byte chunks would take over an hour for the default head).
+    """
     def __init__(
         self,
         *,

@@ -4,7 +4,8 @@ isort:skip_file
 The coordinator's wire API: the frozen model's representations, its LM head and tokenizer.
 
 Versioned package: breaking changes go to pemaservice.v2, never into v1.
-Every call carries `authorization: Bearer <token>` metadata.
+Every call carries `authorization: Bearer <token>` metadata; it is checked before the request
+is parsed (a request that does not parse is INVALID_ARGUMENT).
 """
 
 from collections import abc as _abc
