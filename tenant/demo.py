@@ -20,6 +20,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -61,12 +62,21 @@ def wait_for(check: Callable[[], T], what: str, timeout: float = 120.0) -> T:
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2, context=context) as r:
             return bool(r.status == 200)
     except OSError:
         return False
+
+
+def script(path: Path, *args: str | Path) -> None:
+    """Run one of scripts/ (certificates, keys) with this interpreter; raise with its output."""
+    done = subprocess.run(
+        [sys.executable, str(path), *map(str, args)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{path.name} failed: {done.stderr.strip()}")
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
@@ -189,55 +199,108 @@ def start_metrics(
 
 @dataclass
 class Federation:
-    """A SuperLink with SuperNodes, and `flwr run` of this project against it."""
+    """A SuperLink with SuperNodes, and `flwr run` of this project against it, as in production:
+    TLS from a throwaway CA (scripts/dev_certs.py), SuperNode authentication with one key per
+    tenant (scripts/supernode_keys.py) that the operator registers under the tenant's id, the
+    Fleet API on a port of its own (coordinator/superlink.py), and the operator's tenants file
+    mapping each tenant to its group."""
 
     procs: Processes
     workdir: Path
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port)  # Control and Runtime APIs (operators)
+    fleet_port: int = field(default_factory=free_port)  # Fleet API only (SuperNodes)
+    groups: dict[str, str] = field(default_factory=dict)  # the operator's tenant -> group
 
     def __post_init__(self) -> None:
         self.home = self.workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
+        self.certs = self.workdir / "certs"
+        self.keys = self.workdir / "supernode-keys"
+        self.registered: set[str] = set()
+        script(ROOT / "scripts" / "dev_certs.py", self.certs, "--hosts", "127.0.0.1,localhost")
+        self.ca = self.certs / "ca.crt"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.ca}"\n'
         )
         self.env = flower_env(self.home)
-        self.procs.start(
+        proc = self.procs.start(
             "superlink",
             [
-                str(BIN / "flower-superlink"), "--insecure",
-                "--disable-runtime-dependency-installation", "--port", str(self.port),
+                str(BIN / "python"), "-m", "coordinator.superlink",
+                "--fleet-port", str(self.fleet_port), "--port", str(self.port),
+                "--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(self.certs / "server.crt"),
+                "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
                 "--database", str(self.workdir / "superlink.db"),
             ],
             self.env,
         )  # fmt: skip
+        context = ssl.create_default_context(cafile=str(self.ca))
 
-    def add_node(self, name: str, node_config: dict[str, Any]) -> subprocess.Popen[bytes]:
-        """A SuperNode for one tenant; returns once the SuperLink has registered it, so that a
-        run started afterwards includes it from round 1 (also when min-nodes lets it start
-        without this node)."""
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the SuperLink exited; see {self.procs.logs / 'superlink.log'}")
+            return http_ok(f"https://127.0.0.1:{self.port}/health", context)
+
+        wait_for(up, "the SuperLink")
+
+    def register(self, tenant: str, group: str) -> None:
+        """What the operator does once per tenant: register its public key under its id (the
+        identity the ServerApp sees) and write down its group."""
+        self.groups[tenant] = group
+        if tenant in self.registered:
+            return
+        public = self.keys / f"{tenant}.pub"
+        args = [str(BIN / "flwr"), "supernode", "register", str(public), "local-test"]
+        done = subprocess.run(
+            [*args, "--name", tenant], env=self.env, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"flwr supernode register {tenant} failed: {done.stdout}{done.stderr}"
+            )
+        self.registered.add(tenant)
+
+    def start_node(self, name: str, node_config: dict[str, Any]) -> subprocess.Popen[bytes]:
+        """A SuperNode for one tenant, with its own key (made on first use); not waited for."""
         text = " ".join(
             f"{k}={v}" if isinstance(v, int | float) else f'{k}="{v}"'
             for k, v in node_config.items()
         )
-        proc = self.procs.start(
+        tenant = str(node_config["tenant-id"])
+        script(ROOT / "scripts" / "supernode_keys.py", self.keys, tenant)
+        return self.procs.start(
             f"supernode-{name}",
             [
-                str(BIN / "flower-supernode"), "--insecure", "--superlink",
-                f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", text,
+                str(BIN / "flower-supernode"), "--root-certificates", str(self.ca),
+                "--auth-supernode-private-key", str(self.keys / tenant),
+                "--superlink", f"127.0.0.1:{self.fleet_port}", "--port", str(free_port()),
+                "--node-config", text,
             ],
             self.env,
         )  # fmt: skip
+
+    def add_node(
+        self, name: str, node_config: dict[str, Any], group: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Register a tenant (its group: `group`, else what its node config opts into) and start
+        its SuperNode; returns once the SuperLink has accepted the node, so that a run started
+        afterwards includes it from round 1 (also when min-nodes lets it start without it)."""
+        tenant = str(node_config["tenant-id"])
+        script(ROOT / "scripts" / "supernode_keys.py", self.keys, tenant)
+        opted = str(node_config.get("aggregation-group", ""))
+        self.register(tenant, opted if group is None else group)
+        proc = self.start_node(name, node_config)
         log = self.procs.logs / f"supernode-{name}.log"
 
         def registered() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"SuperNode {name} exited; see {log}")
-            # Flower logs its node id once the SuperLink has registered the node.
+            # Flower logs its node id once the SuperLink has accepted the node.
             return "SuperNode ID:" in log.read_text(errors="replace")
 
-        wait_for(registered, f"SuperNode {name} to register with the SuperLink")
+        wait_for(registered, f"SuperNode {name} to connect to the SuperLink")
         return proc
 
     def run(
@@ -252,7 +315,10 @@ class Federation:
         with the log's tail on failure. `on_line` sees every line of the run's log as it arrives
         (tests inject faults with it)."""
         table = self.workdir / f"{name}.md"
-        cfg = {**run_config, "round-table": str(table)}
+        tenants = self.workdir / "tenants.json"
+        doc = {"tenants": {t: {"group": g} for t, g in self.groups.items()}}
+        tenants.write_text(json.dumps(doc))
+        cfg = {**run_config, "round-table": str(table), "tenants-file": str(tenants)}
         text = " ".join(
             f"{k}={v}" if isinstance(v, int | float) else f"{k}='{v}'" for k, v in cfg.items()
         )
