@@ -170,7 +170,7 @@ def _store(node: NodeConfig, run: RunSettings) -> ShardedMemoryStore:
     )
 
 
-def adapter_config(template: str, memory_mode: str) -> AdapterConfig:
+def adapter_config(template: str, memory_mode: str = "teacher-forced") -> AdapterConfig:
     """The adapter a tenant trains in rounds: the CLI's best configuration, with its template
     and the memory mode its node config chose."""
     return AdapterConfig(
