@@ -95,6 +95,9 @@ class AuditedGrid(Grid):
         self.grid = grid
         self.aggregation = aggregation
         self.audit_log = audit_log
+        # reply message id -> the node the instruction went to: the SuperLink answers for a node
+        # that died with an error reply from itself, and the row must still name the tenant.
+        self.senders: dict[str, int] = {}
 
     def set_run(self, run: Any) -> None:
         self.grid.set_run(run)
@@ -121,10 +124,20 @@ class AuditedGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return [self.check(m) for m in self.grid.send_and_receive(messages, timeout=timeout)]
+        sent = list(messages)
+        replies = list(self.grid.send_and_receive(sent, timeout=timeout))
+        # Pushing gave every sent message its id.
+        to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        for r in replies:
+            node = to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            self.senders[r.metadata.message_id] = node
+        return [self.check(m) for m in replies]
+
+    def sender(self, msg: Message) -> int:
+        return self.senders.get(msg.metadata.message_id, msg.metadata.src_node_id)
 
     def check(self, msg: Message) -> Message:
-        node, kind = msg.metadata.src_node_id, msg.metadata.message_type
+        node, kind = self.sender(msg), msg.metadata.message_type
         entry: dict[str, Any] = {"node": node, "type": kind, "group_id": msg.metadata.group_id}
         if msg.has_error():
             entry["error"] = {"code": msg.error.code, "reason": msg.error.reason}
@@ -164,7 +177,12 @@ class GroupedFedAvg(FedAvg):
     group, and every tenant with aggregation "none", only train and report metrics."""
 
     def __init__(
-        self, aggregation: str, min_nodes: int, table_path: Path | None, tenants: dict[str, str]
+        self,
+        aggregation: str,
+        min_nodes: int,
+        table_path: Path | None,
+        tenants: dict[str, str],
+        grid: AuditedGrid | None = None,
     ) -> None:
         super().__init__(
             min_train_nodes=min_nodes,
@@ -177,6 +195,7 @@ class GroupedFedAvg(FedAvg):
         self.aggregation = aggregation
         self.table_path = table_path
         self.tenants = tenants  # the operator's: tenant id -> group
+        self.grid = grid  # where replies came from (their sender, also for the SuperLink's)
         self.identity: dict[int, str] = {}  # node id -> tenant id (registered name)
         self.ignored: set[int] = set()  # nodes already logged as unknown
         self.members: dict[str, set[int]] = {}  # group -> nodes whose claim matched
@@ -232,8 +251,11 @@ class GroupedFedAvg(FedAvg):
         trained = self.trained.get(server_round, set())
         return self._messages(server_round, config, sorted(trained), MessageType.EVALUATE)
 
+    def sender(self, msg: Message) -> int:
+        return self.grid.sender(msg) if self.grid else msg.metadata.src_node_id
+
     def _record(self, server_round: int, msg: Message, phase: str) -> dict[str, Any] | None:
-        node = msg.metadata.src_node_id
+        node = self.sender(msg)
         row = self.rows.setdefault(
             (server_round, node),
             {
@@ -301,7 +323,7 @@ class GroupedFedAvg(FedAvg):
             row = self._record(server_round, msg, "train")
             if row is None:
                 continue
-            node = msg.metadata.src_node_id
+            node = self.sender(msg)
             self.trained.setdefault(server_round, set()).add(node)
             row["train-wall-seconds"] = wall
             # Every array the server ever receives is counted, whatever the tenant's settings.
@@ -362,16 +384,21 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    if not log.handlers:
+        # The run's streamed log (`flwr run --stream`, `flwr log`) shows the table and warnings.
+        log.addHandler(logging.StreamHandler())
+        log.setLevel(logging.INFO)
     c = validated(RunConfig, dict(context.run_config), "run config")
+    audited = AuditedGrid(grid, c.aggregation, Path(c.audit_log) if c.audit_log else None)
     strategy = GroupedFedAvg(
         aggregation=c.aggregation,
         min_nodes=c.min_nodes,
         table_path=Path(c.round_table) if c.round_table else None,
         tenants=load_tenants(c.tenants_file),
+        grid=audited,
     )
-    audit = Path(c.audit_log) if c.audit_log else None
     strategy.start(
-        grid=AuditedGrid(grid, c.aggregation, audit),
+        grid=audited,
         initial_arrays=ArrayRecord(),
         num_rounds=c.num_server_rounds,
         timeout=c.round_timeout,

@@ -295,17 +295,25 @@ class Federation:
         script(ROOT / "scripts" / "supernode_keys.py", self.keys, tenant)
         opted = str(node_config.get("aggregation-group", ""))
         self.register(tenant, opted if group is None else group)
-        proc = self.start_node(name, node_config)
         log = self.procs.logs / f"supernode-{name}.log"
+        procs: list[subprocess.Popen[bytes]] = []
 
         def registered() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"SuperNode {name} exited; see {log}")
+            if not procs or procs[-1].poll() is not None:
+                if procs and "Failed to activate SuperNode" not in log.read_text(errors="replace"):
+                    raise RuntimeError(f"SuperNode {name} exited; see {log}")
+                # The SuperLink refuses a second activation of a key until it has marked the
+                # node's previous process offline (a restart right after a crash): start again,
+                # as Kubernetes restarts the container.
+                if procs:
+                    time.sleep(2)
+                procs.append(self.start_node(name, node_config))
+                return False
             # Flower logs its node id once the SuperLink has accepted the node.
             return "SuperNode ID:" in log.read_text(errors="replace")
 
-        wait_for(registered, f"SuperNode {name} to connect to the SuperLink")
-        return proc
+        wait_for(registered, f"SuperNode {name} to connect to the SuperLink", timeout=180)
+        return procs[-1]
 
     def run(
         self,

@@ -62,7 +62,8 @@ EVALUATE_METRICS = frozenset(
 # Strings a reply may carry: identifiers from closed sets, each with what it may hold.
 STARTS = ("init", "checkpoint", "group")
 INFO_FIELDS: dict[str, re.Pattern[str] | tuple[str, ...]] = {
-    "group": GROUP_PATTERN,  # the group the tenant opted into (the server decides membership)
+    # the group the tenant opted into, or none (the server decides membership)
+    "group": re.compile(f"(?:{GROUP_PATTERN.pattern})?"),
     "started-from": STARTS,
     "memory-mode": MEMORY_MODES,
 }
@@ -154,7 +155,6 @@ class RunConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(256, alias="batch-size", ge=1)
     aggregation: Literal["none", "fedavg"] = "none"
-    secure_aggregation: bool = Field(False, alias="secure-aggregation")
     eval_sample_size: int = Field(16, alias="eval-sample-size", ge=1)
     min_nodes: int = Field(2, alias="min-nodes", ge=1)
     round_timeout: float = Field(1800.0, alias="round-timeout", gt=0)
