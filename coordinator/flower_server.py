@@ -77,11 +77,18 @@ SUMMARY = {"train": ("train-loss", "valid-loss"), "evaluate": ("valid-loss", "bl
 
 
 def load_tenants(path: str) -> dict[str, str]:
-    """The operator's tenants file: registered tenant id -> group ('' keeps it private)."""
+    """The operator's tenants: registered tenant id -> group ('' keeps it private). `path` is a
+    JSON file {"tenants": {id: {"group": g}}} or a folder of `<id>.json` files {"group": g}
+    (a mounted ConfigMap that each tenant's kustomize component adds a key to)."""
     if not path:
         raise PemaError("run config needs 'tenants-file' (the operator's tenant -> group map)")
+    where = Path(path)
     try:
-        doc = json.loads(Path(path).read_text())
+        if where.is_dir():
+            files = sorted(where.glob("*.json"))
+            doc = {"tenants": {f.stem: json.loads(f.read_text()) for f in files}}
+        else:
+            doc = json.loads(where.read_text())
     except (OSError, ValueError) as e:
         raise PemaError(f"tenants file {path}: {e}") from None
     return {t: e.group for t, e in validated(TenantsFile, doc, "tenants file").tenants.items()}
