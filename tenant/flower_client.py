@@ -104,7 +104,10 @@ class NodeConfig(BaseModel):
     @field_validator("tenant_id")
     @classmethod
     def _tenant(cls, v: str) -> str:
-        return check_tenant_id(v)
+        try:
+            return check_tenant_id(v)
+        except PemaError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("group")
     @classmethod
