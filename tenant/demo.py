@@ -2,9 +2,12 @@
 
 The coordinator serves the default model; a SuperLink and three SuperNodes run the Flower app:
 two tenants rewrite KJV into modern English on different books and average their adapters
-(aggregation group "kjv"), a third translates English to Spanish and keeps its adapter private.
-It prints the per-round table, each tenant's BLEU/chrF before and after with sample generations,
-and where the metrics are. Every process it starts is stopped on exit, Ctrl-C or failure.
+(aggregation group "kjv"), a third rewrites modern English into King James English and keeps its
+adapter private. The federation runs as in production: TLS, SuperNodes authenticated by
+per-tenant keys, groups assigned by the operator, replies limited to numbers. It prints the
+per-round table, each tenant's BLEU/chrF before and after with sample generations (read from each
+tenant's own sample log) and the PromQL figures. Every process it starts is stopped on exit,
+Ctrl-C or failure.
 
 The process helpers here also serve the integration tests (tests/integration/test_federation.py).
 """
@@ -20,6 +23,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -34,9 +38,10 @@ from typing import Any, TypeVar
 import redis
 
 from coordinator.config import hash_token
-from pema.data import Pair, shared_data_dir
+from pema.data import Pair, read_pairs, shared_data_dir
 from pema.models import default_model_dir
 from pema.prompts import TASK_TEMPLATES
+from tenant.federation import MEMORY_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -61,12 +66,21 @@ def wait_for(check: Callable[[], T], what: str, timeout: float = 120.0) -> T:
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2, context=context) as r:
             return bool(r.status == 200)
     except OSError:
         return False
+
+
+def script(path: Path, *args: str | Path) -> None:
+    """Run one of scripts/ (certificates, keys) with this interpreter; raise with its output."""
+    done = subprocess.run(
+        [sys.executable, str(path), *map(str, args)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{path.name} failed: {done.stderr.strip()}")
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
@@ -189,56 +203,117 @@ def start_metrics(
 
 @dataclass
 class Federation:
-    """A SuperLink with SuperNodes, and `flwr run` of this project against it."""
+    """A SuperLink with SuperNodes, and `flwr run` of this project against it, as in production:
+    TLS from a throwaway CA (scripts/dev_certs.py), SuperNode authentication with one key per
+    tenant (scripts/supernode_keys.py) that the operator registers under the tenant's id, the
+    Fleet API on a port of its own (coordinator/superlink.py), and the operator's tenants file
+    mapping each tenant to its group."""
 
     procs: Processes
     workdir: Path
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port)  # Control and Runtime APIs (operators)
+    fleet_port: int = field(default_factory=free_port)  # Fleet API only (SuperNodes)
+    groups: dict[str, str] = field(default_factory=dict)  # the operator's tenant -> group
 
     def __post_init__(self) -> None:
         self.home = self.workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
+        self.certs = self.workdir / "certs"
+        self.keys = self.workdir / "supernode-keys"
+        self.registered: set[str] = set()
+        script(ROOT / "scripts" / "dev_certs.py", self.certs, "--hosts", "127.0.0.1,localhost")
+        self.ca = self.certs / "ca.crt"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.ca}"\n'
         )
         self.env = flower_env(self.home)
-        self.procs.start(
+        proc = self.procs.start(
             "superlink",
             [
-                str(BIN / "flower-superlink"), "--insecure",
-                "--disable-runtime-dependency-installation", "--port", str(self.port),
+                str(BIN / "python"), "-m", "coordinator.superlink",
+                "--fleet-port", str(self.fleet_port), "--port", str(self.port),
+                "--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(self.certs / "server.crt"),
+                "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
                 "--database", str(self.workdir / "superlink.db"),
             ],
             self.env,
         )  # fmt: skip
+        context = ssl.create_default_context(cafile=str(self.ca))
 
-    def add_node(self, name: str, node_config: dict[str, Any]) -> subprocess.Popen[bytes]:
-        """A SuperNode for one tenant; returns once the SuperLink has registered it, so that a
-        run started afterwards includes it from round 1 (also when min-nodes lets it start
-        without this node)."""
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the SuperLink exited; see {self.procs.logs / 'superlink.log'}")
+            return http_ok(f"https://127.0.0.1:{self.port}/health", context)
+
+        wait_for(up, "the SuperLink")
+
+    def register(self, tenant: str, group: str) -> None:
+        """What the operator does once per tenant: register its public key under its id (the
+        identity the ServerApp sees) and write down its group."""
+        self.groups[tenant] = group
+        if tenant in self.registered:
+            return
+        public = self.keys / f"{tenant}.pub"
+        args = [str(BIN / "flwr"), "supernode", "register", str(public), "local-test"]
+        done = subprocess.run(
+            [*args, "--name", tenant], env=self.env, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"flwr supernode register {tenant} failed: {done.stdout}{done.stderr}"
+            )
+        self.registered.add(tenant)
+
+    def start_node(self, name: str, node_config: dict[str, Any]) -> subprocess.Popen[bytes]:
+        """A SuperNode for one tenant, with its own key (made on first use); not waited for."""
         text = " ".join(
             f"{k}={v}" if isinstance(v, int | float) else f'{k}="{v}"'
             for k, v in node_config.items()
         )
-        proc = self.procs.start(
+        tenant = str(node_config["tenant-id"])
+        script(ROOT / "scripts" / "supernode_keys.py", self.keys, tenant)
+        return self.procs.start(
             f"supernode-{name}",
             [
-                str(BIN / "flower-supernode"), "--insecure", "--superlink",
-                f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", text,
+                str(BIN / "flower-supernode"), "--root-certificates", str(self.ca),
+                "--auth-supernode-private-key", str(self.keys / tenant),
+                "--superlink", f"127.0.0.1:{self.fleet_port}", "--port", str(free_port()),
+                "--node-config", text,
             ],
             self.env,
         )  # fmt: skip
+
+    def add_node(
+        self, name: str, node_config: dict[str, Any], group: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Register a tenant (its group: `group`, else what its node config opts into) and start
+        its SuperNode; returns once the SuperLink has accepted the node, so that a run started
+        afterwards includes it from round 1 (also when min-nodes lets it start without it)."""
+        tenant = str(node_config["tenant-id"])
+        script(ROOT / "scripts" / "supernode_keys.py", self.keys, tenant)
+        opted = str(node_config.get("aggregation-group", ""))
+        self.register(tenant, opted if group is None else group)
         log = self.procs.logs / f"supernode-{name}.log"
+        procs: list[subprocess.Popen[bytes]] = []
 
         def registered() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"SuperNode {name} exited; see {log}")
-            # Flower logs its node id once the SuperLink has registered the node.
+            if not procs or procs[-1].poll() is not None:
+                if procs and "Failed to activate SuperNode" not in log.read_text(errors="replace"):
+                    raise RuntimeError(f"SuperNode {name} exited; see {log}")
+                # The SuperLink refuses a second activation of a key until it has marked the
+                # node's previous process offline (a restart right after a crash): start again,
+                # as Kubernetes restarts the container.
+                if procs:
+                    time.sleep(2)
+                procs.append(self.start_node(name, node_config))
+                return False
+            # Flower logs its node id once the SuperLink has accepted the node.
             return "SuperNode ID:" in log.read_text(errors="replace")
 
-        wait_for(registered, f"SuperNode {name} to register with the SuperLink")
-        return proc
+        wait_for(registered, f"SuperNode {name} to connect to the SuperLink", timeout=180)
+        return procs[-1]
 
     def run(
         self,
@@ -252,7 +327,10 @@ class Federation:
         with the log's tail on failure. `on_line` sees every line of the run's log as it arrives
         (tests inject faults with it)."""
         table = self.workdir / f"{name}.md"
-        cfg = {**run_config, "round-table": str(table)}
+        tenants = self.workdir / "tenants.json"
+        doc = {"tenants": {t: {"group": g} for t, g in self.groups.items()}}
+        tenants.write_text(json.dumps(doc))
+        cfg = {**run_config, "round-table": str(table), "tenants-file": str(tenants)}
         text = " ".join(
             f"{k}={v}" if isinstance(v, int | float) else f"{k}='{v}'" for k, v in cfg.items()
         )
@@ -319,17 +397,36 @@ def book_slice(tsv: Path, book: str, n: int) -> list[Pair]:
 @dataclass(frozen=True)
 class DemoTenant:
     id: str
-    task: str
     book: str
     template: str
     group: str
+    reverse: bool = False  # modern -> King James: the kjv_web files with the columns swapped
 
 
 TENANTS = [
-    DemoTenant("kjv-genesis", "kjv_web", "Genesis", TASK_TEMPLATES["kjv_web"], "kjv"),
-    DemoTenant("kjv-exodus", "kjv_web", "Exodus", TASK_TEMPLATES["kjv_web"], "kjv"),
-    DemoTenant("es-private", "web_es", "Matthew", TASK_TEMPLATES["web_es"], ""),
+    DemoTenant("kjv-genesis", "Genesis", TASK_TEMPLATES["kjv_web"], "kjv"),
+    DemoTenant("kjv-exodus", "Exodus", TASK_TEMPLATES["kjv_web"], "kjv"),
+    # A task the 135M model can learn from 120 pairs (it cannot learn Spanish from so few).
+    DemoTenant("kjv-style", "Matthew", "Rewrite in King James English:\n{source}", "", True),
 ]
+
+
+def tenant_files(
+    t: DemoTenant, workdir: Path, pairs: int, valid: int, test: int
+) -> dict[str, Path]:
+    """The tenant's train slice of its book, and its valid/test pairs (swapped if reversed)."""
+    data = DATA / "kjv_web"
+
+    def prepared(split: str, got: list[Pair]) -> Path:
+        if t.reverse:
+            got = [Pair(p.target, p.source) for p in got]
+        return write_pairs(workdir / f"{t.id}-{split}.tsv", got)
+
+    return {
+        "train": prepared("train", book_slice(data / "train.tsv", t.book, pairs)),
+        "valid": prepared("valid", read_pairs(data / "valid.tsv", valid)),
+        "test": prepared("test", read_pairs(data / "test.tsv", test)),
+    }
 
 
 def redis_up() -> bool:
@@ -339,23 +436,37 @@ def redis_up() -> bool:
         return False
 
 
-def report(rows: list[dict[str, Any]], table: Path, metrics: tuple[str, str] | None) -> None:
+def read_samples(path: Path) -> dict[int, dict[str, Any]]:
+    """A tenant's own sample log (its evaluate steps write it; the server never sees it)."""
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {int(r["round"]): r for r in rows}
+
+
+def report(
+    rows: list[dict[str, Any]], table: Path, workdir: Path, metrics: tuple[str, str] | None
+) -> None:
     print("\nPer-round table (" + str(table) + "):\n")
     print(table.read_text())
     last = max(r["round"] for r in rows)
-    print("Before (untuned model) and after the last round, on each tenant's test sample:\n")
+    print("Before (untuned model) and after the last round, on each tenant's test sample")
+    print("(the sample texts come from each tenant's own log, not from the server):\n")
     for t in TENANTS:
         first = next(r for r in rows if r.get("tenant") == t.id and r["round"] == 1)
         final = next(r for r in rows if r.get("tenant") == t.id and r["round"] == last)
+        samples = read_samples(workdir / "adapters" / f"{t.id}.samples.jsonl")
+        s1, sn = samples.get(1, {}), samples.get(last, {})
+        task = "modern -> KJV" if t.reverse else "KJV -> modern"
         print(
-            f"{t.id:12s} ({t.task}, {'group ' + t.group if t.group else 'private'}): "
-            f"BLEU {first.get('zero-shot-bleu', float('nan')):5.1f} -> {final['bleu']:5.1f}   "
-            f"chrF {first.get('zero-shot-chrf', float('nan')):5.1f} -> {final['chrf']:5.1f}"
+            f"{t.id:12s} ({task}, {'group ' + t.group if t.group else 'private'}): "
+            f"BLEU {first.get('untuned-bleu', float('nan')):5.1f} -> {final.get('bleu', float('nan')):5.1f}   "
+            f"chrF {first.get('untuned-chrf', float('nan')):5.1f} -> {final.get('chrf', float('nan')):5.1f}"
         )
-        print(f"    source:    {final.get('sample-source', '')}")
-        print(f"    untuned:   {first.get('sample-zero-shot', '')}")
-        print(f"    PEMA:      {final.get('sample-output', '')}")
-        print(f"    reference: {final.get('sample-reference', '')}\n")
+        print(f"    source:    {sn.get('source', '')}")
+        print(f"    untuned:   {s1.get('untuned', '')}")
+        print(f"    PEMA:      {sn.get('output', '')}")
+        print(f"    reference: {sn.get('reference', '')}\n")
     if metrics:
         gw, prom = metrics
         print(f"Metrics: Pushgateway http://{gw}/metrics, scraped by Prometheus at {prom}")
@@ -389,14 +500,42 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tenant.demo", description=__doc__)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=120, help="training pairs per tenant")
-    p.add_argument("--valid-pairs", type=int, default=32)
-    p.add_argument("--eval-sample", type=int, default=8, help="test pairs generated per round")
-    p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=14 * 60)
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S"))
+    p = argparse.ArgumentParser(
+        prog="python -m tenant.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds (default: 3)")
+    p.add_argument(
+        "--pairs", type=int, default=120, help="training pairs per tenant (default: 120)"
+    )
+    p.add_argument(
+        "--valid-pairs", type=int, default=32, help="validation pairs per tenant (default: 32)"
+    )
+    p.add_argument(
+        "--eval-sample", type=int, default=8, help="test pairs generated per round (default: 8)"
+    )
+    p.add_argument(
+        "--local-epochs", type=int, default=2, help="epochs per tenant and round (default: 2)"
+    )
+    p.add_argument(
+        "--memory-mode",
+        choices=MEMORY_MODES,
+        default="teacher-forced",
+        help="how every tenant builds its memory, a privacy choice: teacher-forced sends the "
+        "gold targets to the model owner (as token ids) and trains the better adapter; "
+        "free-running keeps the targets on the tenant, the owner sees only the inputs and the "
+        "model's own outputs (default: teacher-forced)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=14 * 60, help="seconds for the whole run (default: 840)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S"),
+        help="run folder: logs, adapters, tables (default: runs/demo-<date>-<time>)",
+    )
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
@@ -415,28 +554,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory cache: {'Redis ' + cache if cache else 'on disk (Redis is not up)'}")
         fed = Federation(procs, workdir)
         for t in TENANTS:
-            data = DATA / t.task
-            train = write_pairs(
-                workdir / f"{t.id}-train.tsv", book_slice(data / "train.tsv", t.book, args.pairs)
-            )
+            files = tenant_files(t, workdir, args.pairs, args.valid_pairs, args.eval_sample)
             node: dict[str, Any] = {
                 "tenant-id": t.id,
                 "token": tokens[t.id],
                 "coordinator": address,
-                "train": train,
-                "valid": data / "valid.tsv",
-                "test": data / "test.tsv",
+                **files,
                 "max-valid-pairs": args.valid_pairs,
                 "template": t.template.replace("\n", "\\n"),
                 "adapter-dir": workdir / "adapters" / t.id,
                 "cache-dir": workdir / "memories",
                 "redis-url": cache,
                 "aggregation-group": t.group,
+                "memory-mode": args.memory_mode,
                 "pushgateway": metrics[0] if metrics else "",
             }
             fed.add_node(t.id, node)
         print(f"SuperLink on 127.0.0.1:{fed.port}, {len(TENANTS)} SuperNodes; running "
-              f"{args.rounds} rounds (fedavg within group kjv; es-private stays private)", flush=True)  # fmt: skip
+              f"{args.rounds} rounds (fedavg within group kjv; kjv-style stays private)", flush=True)  # fmt: skip
         table = fed.run(
             {
                 "num-server-rounds": args.rounds,
@@ -449,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout - (time.monotonic() - started),
             echo=True,
         )
-        report(read_rows(table), table, metrics)
+        report(read_rows(table), table, workdir, metrics)
         print(f"\ndone in {time.monotonic() - started:.0f} s; logs and adapters in {workdir}")
         return 0
     except KeyboardInterrupt:

@@ -1,21 +1,37 @@
 """The tenant's Flower ClientApp: one train and one evaluate step per round.
 
 Per-node settings come from the SuperNode's `--node-config` (NodeConfig), per-run settings from
-`[tool.flwr.app.config]` (RunSettings). The adapter only leaves the tenant when the run aggregates
-(`aggregation = "fedavg"`) and the tenant belongs to an aggregation group.
+`[tool.flwr.app.config]` (RunConfig in tenant/federation.py); both reject unknown keys. Every
+reply is built from the allow-list in tenant/federation.py: numbers, a few closed-set identifiers,
+and the adapter only when the run aggregates (`aggregation = "fedavg"`) and the tenant opted into
+an aggregation group. Sample generations stay in the tenant's own file; a failed step replies with
+its phase and exception class only.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pema.adapter import CONFIG_FILE, AdapterConfig, load_adapter, save_adapter
 from pema.backbone import MemoryMode
@@ -26,77 +42,89 @@ from pema.prompts import DEFAULT_TEMPLATE, PromptFormat
 from pema.training import TrainConfig, TrainEvent, evaluate_memory
 from tenant.backend import Backend, coordinator_backend, local_backend
 from tenant.cli import BEST as _BEST
+from tenant.federation import (
+    ARRAYS,
+    CONFIG,
+    GROUP_PATTERN,
+    INFO,
+    METRICS,
+    RunConfig,
+    error_reason,
+    reply_violations,
+    validated,
+)
 from tenant.jobs import evaluate_job, obtain_memory, train_job
 from tenant.memory_store import ShardedMemoryStore, check_tenant_id
 from tenant.metrics import PeakRss, RoundFigures, push_quality, push_round
 from tenant.redis_store import open_memory_store
 
 log = logging.getLogger(__name__)
+Handler = Callable[[Message, Context], Message]
 
-AGGREGATIONS = ("none", "fedavg")
 BEST: dict[str, Any] = dict(_BEST)  # the CLI's best configuration, values typed loosely
-ARRAYS = "arrays"  # RecordDict key of adapter arrays, both directions
-CONFIG = "config"  # RecordDict key of the server's round config
-TENANT = "tenant"  # RecordDict key of the reply's ConfigRecord (tenant id, group, samples)
-METRICS = "metrics"
 
 
-@dataclass(frozen=True)
-class NodeConfig:
-    """What one SuperNode's `--node-config` says about its tenant."""
+class NodeConfig(BaseModel):
+    """What one SuperNode's `--node-config` says about its tenant; an unknown key or a bad value
+    fails the round with the key named (a typo must not silently change what the tenant does)."""
 
-    tenant_id: str
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    tenant_id: str = Field(alias="tenant-id")
     train: Path
     valid: Path
-    adapter_dir: Path
+    adapter_dir: Path = Field(alias="adapter-dir")
     test: Path | None = None
     token: str = ""
     coordinator: str = ""
     model: str = ""  # local model folder while no coordinator serves the model
-    max_pairs: int | None = None
-    max_valid_pairs: int = 100
+    max_pairs: int | None = Field(None, alias="max-pairs", ge=1)
+    max_valid_pairs: int = Field(100, alias="max-valid-pairs", ge=1)
     template: str = DEFAULT_TEMPLATE
-    redis_url: str = ""
-    cache_fallback: str = "disk"
-    cache_dir: Path | None = None
-    group: str = ""  # aggregation group; empty keeps the adapter private
+    # The privacy choice of what the model owner sees (README, "Security"): teacher-forced
+    # memories send the gold targets to the coordinator as token ids; free-running ones keep
+    # them on the tenant (the owner sees only the inputs and the model's own outputs).
+    memory_mode: Literal["teacher-forced", "free-running"] = Field(
+        "teacher-forced", alias="memory-mode"
+    )
+    redis_url: str = Field("", alias="redis-url")
+    cache_fallback: Literal["disk", "fail"] = Field("disk", alias="cache-fallback")
+    cache_dir: Path | None = Field(None, alias="cache-dir")
+    group: str = Field("", alias="aggregation-group")  # opt-in; empty keeps the adapter private
     pushgateway: str = ""
-    threads: int = 1
+    threads: int = Field(1, ge=1)
     # Tenants share the coordinator's CPU: smaller Encode requests interleave across tenants, and
     # a request may wait behind others' for a while on a small machine.
-    coordinator_timeout: float = 600.0
-    encode_request_tokens: int = 4096
+    coordinator_timeout: float = Field(600.0, alias="coordinator-timeout", gt=0)
+    encode_request_tokens: int = Field(4096, alias="encode-request-tokens", ge=1)
+    # Where evaluate writes its sample generations (JSON Lines, on the tenant only); default
+    # `<adapter-dir>.samples.jsonl`.
+    sample_log: Path | None = Field(None, alias="sample-log")
+
+    @field_validator("tenant_id")
+    @classmethod
+    def _tenant(cls, v: str) -> str:
+        try:
+            return check_tenant_id(v)
+        except PemaError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v: str) -> str:
+        if v and not GROUP_PATTERN.fullmatch(v):
+            raise ValueError("a group is lower-case letters, digits and '-'")
+        return v
 
     @classmethod
     def from_context(cls, context: Context) -> NodeConfig:
-        c: dict[str, Any] = dict(context.node_config)
+        values = {k: v for k, v in context.node_config.items() if v != ""}
+        return validated(cls, values, "node config")
 
-        def path(key: str) -> Path | None:
-            return Path(str(c[key])) if c.get(key) else None
-
-        for key in ("tenant-id", "train", "valid", "adapter-dir"):
-            if not c.get(key):
-                raise PemaError(f"node config needs {key!r}")
-        return cls(
-            tenant_id=check_tenant_id(str(c["tenant-id"])),
-            train=Path(str(c["train"])),
-            valid=Path(str(c["valid"])),
-            adapter_dir=Path(str(c["adapter-dir"])),
-            test=path("test"),
-            token=str(c.get("token", "")),
-            coordinator=str(c.get("coordinator", "")),
-            model=str(c.get("model", "")),
-            max_pairs=int(c["max-pairs"]) if c.get("max-pairs") else None,
-            max_valid_pairs=int(c.get("max-valid-pairs", 100)),
-            template=str(c.get("template", DEFAULT_TEMPLATE)),
-            redis_url=str(c.get("redis-url", "")),
-            cache_fallback=str(c.get("cache-fallback", "disk")),
-            cache_dir=path("cache-dir"),
-            group=str(c.get("aggregation-group", "")),
-            pushgateway=str(c.get("pushgateway", "")),
-            threads=int(c.get("threads", 1)),
-            coordinator_timeout=float(c.get("coordinator-timeout", 600.0)),
-            encode_request_tokens=int(c.get("encode-request-tokens", 4096)),
+    @property
+    def samples_path(self) -> Path:
+        return self.sample_log or self.adapter_dir.with_name(
+            self.adapter_dir.name + ".samples.jsonl"
         )
 
 
@@ -105,35 +133,22 @@ class RunSettings:
     """The run's `[tool.flwr.app.config]` plus the round number the server sends."""
 
     server_round: int
-    local_epochs: int
-    lr: float
-    batch_size: int
-    aggregation: str
-    eval_sample_size: int
-    redis_ttl: int | None
-    shard_pairs: int
+    config: RunConfig
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> RunSettings:
-        r: dict[str, Any] = dict(context.run_config)
+        config = validated(RunConfig, dict(context.run_config), "run config")
         sent: dict[str, Any] = dict(msg.content[CONFIG])
-        aggregation = str(r.get("aggregation", "none"))
-        if aggregation not in AGGREGATIONS:
-            raise PemaError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        ttl = int(r.get("redis-ttl", 0))
-        return cls(
-            server_round=int(sent.get("server-round", 1)),
-            local_epochs=int(r.get("local-epochs", 1)),
-            lr=float(r.get("lr", BEST["lr"])),
-            batch_size=int(r.get("batch-size", BEST["batch_size"])),
-            aggregation=aggregation,
-            eval_sample_size=int(r.get("eval-sample-size", 16)),
-            redis_ttl=ttl or None,
-            shard_pairs=int(r.get("shard-pairs", 256)),
-        )
+        return cls(int(sent.get("server-round", 1)), config)
+
+    @property
+    def aggregation(self) -> str:
+        return self.config.aggregation
 
 
 def shares_adapter(node: NodeConfig, run: RunSettings) -> bool:
+    """The tenant's opt-in: its adapter leaves only when the run aggregates and its node config
+    names a group (the server still decides whether it is averaged, and with whom)."""
     return run.aggregation == "fedavg" and bool(node.group)
 
 
@@ -152,13 +167,15 @@ def make_backend(node: NodeConfig) -> Backend:
 
 def _store(node: NodeConfig, run: RunSettings) -> ShardedMemoryStore:
     root = node.cache_dir or cache_dir() / "memories"
+    c = run.config
     return open_memory_store(
-        node.redis_url or None, root, node.cache_fallback, run.redis_ttl, run.shard_pairs
+        node.redis_url or None, root, node.cache_fallback, c.redis_ttl or None, c.shard_pairs
     )
 
 
-def adapter_config(template: str) -> AdapterConfig:
-    """The adapter a tenant trains in rounds: the CLI's best configuration, with its template."""
+def adapter_config(template: str, memory_mode: str = "teacher-forced") -> AdapterConfig:
+    """The adapter a tenant trains in rounds: the CLI's best configuration, with its template
+    and the memory mode its node config chose."""
     return AdapterConfig(
         hidden_size=1,  # set from the model by train_job
         rank=int(BEST["rank"]),
@@ -168,7 +185,7 @@ def adapter_config(template: str) -> AdapterConfig:
         lambda_max=float(BEST["lambda_max"]),
         schedule=str(BEST["schedule"]),
         template=template,
-        memory_mode=str(BEST["memory_mode"]),
+        memory_mode=memory_mode,
     )
 
 
@@ -177,15 +194,48 @@ def _received_state(msg: Message) -> dict[str, torch.Tensor] | None:
     return arrays.to_torch_state_dict() if arrays is not None and len(arrays) else None
 
 
-def _reply(metrics: dict[str, Any], node: NodeConfig, **extra: Any) -> RecordDict:
-    info = ConfigRecord({"tenant-id": node.tenant_id, "group": node.group, **extra})
-    return RecordDict({METRICS: MetricRecord(metrics), TENANT: info})
+def _reply(
+    msg: Message,
+    phase: str,
+    metrics: dict[str, int | float],
+    info: dict[str, str],
+    arrays: ArrayRecord | None = None,
+) -> Message:
+    """The reply, built only from allow-listed fields (tenant/federation.py); anything else is a
+    bug here and fails the round on the tenant rather than reach the server."""
+    content = RecordDict({METRICS: MetricRecord(dict(metrics)), INFO: ConfigRecord(dict(info))})
+    if arrays is not None:
+        content[ARRAYS] = arrays
+    bad = reply_violations(content, phase, arrays_allowed=arrays is not None)
+    if bad:
+        raise PemaError(f"reply fields not on the allow-list: {', '.join(bad)}")
+    return Message(content, reply_to=msg)
+
+
+def _private_errors(phase: str) -> Callable[[Handler], Handler]:
+    """A failed step replies with a short code and the exception's class only; the whole error
+    (paths, data) goes to the tenant's own log."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def run(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context)
+            except Exception as e:
+                log.exception("%s failed", phase)
+                reason = error_reason(phase, e)
+                return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+
+        return run
+
+    return wrap
 
 
 app = ClientApp()
 
 
 @app.train()
+@_private_errors("train")
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     node = NodeConfig.from_context(context)
@@ -214,24 +264,26 @@ def train(msg: Message, context: Context) -> Message:
 
     train_pairs = read_pairs(node.train, node.max_pairs)
     valid_pairs = read_pairs(node.valid, node.max_valid_pairs)
-    cfg = TrainConfig(lr=run.lr, batch_size=run.batch_size, epochs=run.local_epochs)
+    c = run.config
+    cfg = TrainConfig(lr=c.lr, batch_size=c.batch_size, epochs=c.local_epochs)
     with PeakRss() as rss:
         outcome = train_job(
-            backend, train_pairs, valid_pairs, adapter_config(node.template), cfg, node.adapter_dir,
-            _store(node, run), node.tenant_id, quiet=True, start_state=start_state,
-            phases=(2,) if start_state is not None else (1, 2), on_event=on_event,
+            backend, train_pairs, valid_pairs, adapter_config(node.template, node.memory_mode),
+            cfg, node.adapter_dir, _store(node, run), node.tenant_id, quiet=True,
+            start_state=start_state, phases=(2,) if start_state is not None else (1, 2),
+            on_event=on_event,
         )  # fmt: skip
     s = outcome.summary
     valid = outcome.report.valid
     cache_hit = bool(s["memory_cache_hit"])
-    metrics = {
+    metrics: dict[str, int | float] = {
         "num-examples": len(train_pairs),
-        "train-keys": s["train_keys"],
+        "train-keys": int(s["train_keys"]),
         "train-loss": sum(losses) / len(losses) if losses else 0.0,  # mean over the round's steps
-        "valid-loss": valid["loss"],
-        "valid-top1": valid["top1"],
+        "valid-loss": float(valid["loss"]),
+        "valid-top1": float(valid["top1"]),
         "train-seconds": outcome.report.seconds,
-        "memory-build-seconds": s["memory_build_seconds"],
+        "memory-build-seconds": float(s["memory_build_seconds"]),
         "cache-hit": int(cache_hit),
         "peak-train-memory-bytes": rss.peak,
         "train-memory-extra-bytes": rss.extra,
@@ -247,15 +299,16 @@ def train(msg: Message, context: Context) -> Message:
         push_round(
             node.pushgateway, figures, node.adapter_dir.parent / f".{node.tenant_id}.metrics.json"
         )
-    content = _reply(metrics, node, started_from=origin)
-    if shared:
-        # Only here does the adapter leave the tenant: the group's average needs it.
-        content[ARRAYS] = ArrayRecord(outcome.adapter.state_dict())
-    return Message(content, reply_to=msg)
+    info = {"group": node.group, "started-from": origin, "memory-mode": node.memory_mode}
+    # Only here does the adapter leave the tenant: the group's average needs it.
+    arrays = ArrayRecord(outcome.adapter.state_dict()) if shared else None
+    return _reply(msg, "train", metrics, info, arrays)
 
 
 @app.evaluate()
+@_private_errors("evaluate")
 def evaluate(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     node = NodeConfig.from_context(context)
     run = RunSettings.from_message(msg, context)
     torch.set_num_threads(node.threads)
@@ -275,29 +328,35 @@ def evaluate(msg: Message, context: Context) -> Message:
         quiet=True,
     )  # fmt: skip
     valid = evaluate_memory(adapter, backend.backbone.head(), valid_mem.memory)
-    sample = read_pairs(node.test or node.valid, run.eval_sample_size)
+    sample = read_pairs(node.test or node.valid, run.config.eval_sample_size)
     # The untuned model's scores do not change between rounds: compute them once, in round 1.
     result = evaluate_job(
         backend, adapter, sample, include_untuned=run.server_round == 1, quiet=True
     )
-    metrics = {
+    metrics: dict[str, int | float] = {
         "num-examples": len(sample),
-        "valid-loss": valid["loss"],
-        "valid-top1": valid["top1"],
-        "bleu": result["bleu"],
-        "chrf": result["chrf"],
+        "valid-loss": float(valid["loss"]),
+        "valid-top1": float(valid["top1"]),
+        "bleu": float(result["bleu"]),
+        "chrf": float(result["chrf"]),
     }
-    extra = {
-        "sample-source": sample[0].source,
-        "sample-reference": sample[0].target,
-        "sample-output": result["outputs"][0],
+    # The sample generations stay here, in the tenant's own file: the server gets scores only.
+    record: dict[str, Any] = {
+        "round": run.server_round,
+        "source": sample[0].source,
+        "reference": sample[0].target,
+        "output": result["outputs"][0],
     }
     if "untuned_bleu" in result:
         metrics |= {
-            "zero-shot-bleu": result["untuned_bleu"],
-            "zero-shot-chrf": result["untuned_chrf"],
+            "untuned-bleu": float(result["untuned_bleu"]),
+            "untuned-chrf": float(result["untuned_chrf"]),
         }
-        extra["sample-zero-shot"] = result["untuned_outputs"][0]
+        record["untuned"] = result["untuned_outputs"][0]
+    node.samples_path.parent.mkdir(parents=True, exist_ok=True)
+    with node.samples_path.open("a") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
     if node.pushgateway:
         push_quality(node.pushgateway, node.tenant_id, result["bleu"], result["chrf"])
-    return Message(_reply(metrics, node, **extra), reply_to=msg)
+    metrics["seconds"] = time.perf_counter() - started
+    return _reply(msg, "evaluate", metrics, {"group": node.group})

@@ -4,9 +4,10 @@
     python deploy/k8s/new_tenant.py prod acme --memory-limit 4Gi --rotate   # new token + password
 
 Writes deploy/k8s/overlays/<overlay>/tenants/<id>/, a kustomize Component with the tenant's
-StatefulSet (SuperNode + ClientApp), its node-config ConfigMap, and two Secret fragments that
+StatefulSet (SuperNode + ClientApp), its node-config ConfigMap, two Secret fragments that
 hold hashes only: `<id>.json` merged into the coordinator's tenants Secret and `<id>.acl` merged
-into Redis's ACL Secret. It lists the component in the overlay's kustomization.yaml (one line).
+into Redis's ACL Secret, and `<id>.json` merged into the ServerApp's ConfigMap
+federation-tenants (the tenant's group, as the operator assigns it). It lists the component in the overlay's kustomization.yaml (one line).
 
 The clear-text token and Redis password go to `credentials.env` next to it (git-ignored, mode
 0600); create the tenant's Secret from it, out of band, then hand the token to the data owner:
@@ -101,7 +102,9 @@ spec:
             - /bin/sh
             - -c
             - >-
-              exec flower-supernode --insecure --superlink=superlink:9092
+              exec flower-supernode --superlink=superlink:9092
+              --root-certificates=/etc/flwr-tls/ca.crt
+              --auth-supernode-private-key=/etc/flwr-auth/supernode.key
               --host=127.0.0.1 --port=9094 --health-server-address=0.0.0.0:8081
               --node-config="$(cat /etc/pema/node-config) token=\\"$PEMA_TOKEN\\"
               redis-url=\\"redis://pema-{tenant}:$REDIS_PASSWORD@redis:6379/0\\""
@@ -143,7 +146,20 @@ spec:
             - {{name: flwr, mountPath: /var/lib/flwr}}
             - {{name: tmp, mountPath: /tmp}}
             - {{name: home, mountPath: /home/pema}}
+            - {{name: flwr-tls, mountPath: /etc/flwr-tls, readOnly: true}}
+            - {{name: flwr-auth, mountPath: /etc/flwr-auth, readOnly: true}}
       volumes:
+        # The CA that signed the SuperLink's certificate (the ca.crt of Secret superlink-tls).
+        - name: flwr-tls
+          secret:
+            secretName: superlink-tls
+            items: [{{key: ca.crt, path: ca.crt}}]
+        # This tenant's SuperNode key; the operator registered its public half under the tenant
+        # id (`flwr supernode register supernode.pub <superlink> --name {tenant}`).
+        - name: flwr-auth
+          secret:
+            secretName: tenant-{tenant}-supernode-key
+            defaultMode: 0400
         - name: node-config
           configMap:
             name: tenant-{tenant}
@@ -196,6 +212,11 @@ configMapGenerator:
   - name: tenant-{tenant}
     files:
       - node-config
+  # The operator's assignment of this tenant to a group, read by the ServerApp.
+  - name: federation-tenants
+    behavior: merge
+    files:
+      - {tenant}.json=federation.json
 secretGenerator:
   - name: coordinator-tenants
     behavior: merge
@@ -268,6 +289,7 @@ def write_tenant(
             "state_size": state_size,
         }
         (out / "statefulset.yaml").write_text(STATEFULSET.format(tenant=tenant, **sizes))
+        (out / "federation.json").write_text(json.dumps({"group": group}) + "\n")
         (out / "kustomization.yaml").write_text(KUSTOMIZATION.format(tenant=tenant))
         add_component(overlay_dir, tenant)
     creds = out / "credentials.env"
@@ -312,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"next: kubectl -n pema create secret generic tenant-{a.tenant}-credentials "
         f"--from-env-file={out}/credentials.env --dry-run=client -o yaml | kubectl apply -f -\n"
+        f"      python scripts/supernode_keys.py {out}/keys {a.tenant}\n"
+        f"      kubectl -n pema create secret generic tenant-{a.tenant}-supernode-key "
+        f"--from-file=supernode.key={out}/keys/{a.tenant}\n"
+        f"      flwr supernode register {out}/keys/{a.tenant}.pub <superlink> --name {a.tenant}\n"
         f"      kubectl apply -k {overlay_dir}"
     )
     return 0

@@ -7,7 +7,6 @@ Rendering needs `kubectl` (its built-in kustomize); those tests skip without it.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import re
 import shlex
@@ -200,16 +199,24 @@ def test_superlink_binds_all_interfaces_keeps_state_and_probes_health(
         spec = pod_spec(by_name(objs, "Deployment", "superlink"))
         (c,) = spec["containers"]
         cmd = c["command"]
-        assert cmd[0] == "flower-superlink"
-        assert "--insecure" in cmd and "--disable-runtime-dependency-installation" in cmd
+        # Flower's SuperLink with the Fleet API alone on 9092 and the Control API on 9093.
+        assert cmd[:3] == ["python", "-m", "coordinator.superlink"]
+        assert flag(cmd, "--fleet-port") == "9092" and flag(cmd, "--port") == "9093"
+        assert "--insecure" not in cmd and "--enable-supernode-auth" in cmd
+        assert "--disable-runtime-dependency-installation" in cmd
         assert flag(cmd, "--host") == "0.0.0.0"
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        tls = mounts["tls"]
+        assert volumes["tls"]["secret"]["secretName"] == "superlink-tls"
+        for name, file in (("--ssl-ca-certfile", "ca.crt"), ("--ssl-certfile", "tls.crt")):
+            assert flag(cmd, name) == f"{tls}/{file}"
+        assert flag(cmd, "--ssl-keyfile") == f"{tls}/tls.key"
         health = flag(cmd, "--health-server-address")
         assert health is not None and health.startswith("0.0.0.0:")
         for probe in ("readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == int(health.rsplit(":", 1)[1])
         database = flag(cmd, "--database")
-        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-        volumes = {v["name"]: v for v in spec["volumes"]}
         (state,) = [n for n, p in mounts.items() if database and database.startswith(p + "/")]
         assert "persistentVolumeClaim" in volumes[state]
 
@@ -217,13 +224,7 @@ def test_superlink_binds_all_interfaces_keeps_state_and_probes_health(
 def node_config_keys() -> set[str]:
     from tenant.flower_client import NodeConfig
 
-    source = inspect.getsource(NodeConfig.from_context)
-    return set(re.findall(r'(?:get\(|\[|path\()"([a-z][a-z-]*)"', source)) | {
-        "tenant-id",
-        "train",
-        "valid",
-        "adapter-dir",
-    }
+    return {f.alias or name for name, f in NodeConfig.model_fields.items()}
 
 
 def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
@@ -239,6 +240,11 @@ def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
             (c,) = spec["containers"]
             script = c["command"][-1]
             assert "flower-supernode" in script and "--superlink=superlink:9092" in script
+            # TLS with the SuperLink's CA, and this tenant's own registered SuperNode key.
+            assert "--insecure" not in script and "--root-certificates=" in script
+            assert "--auth-supernode-private-key=/etc/flwr-auth/" in script
+            secret_names = {v.get("secret", {}).get("secretName") for v in spec["volumes"]}
+            assert {"superlink-tls", f"tenant-{tenant}-supernode-key"} <= secret_names
             # The node config: ConfigMap text plus the token and Redis URL from the Secret.
             volumes = {v["name"]: v for v in spec["volumes"]}
             cm = by_name(objs, "ConfigMap", volumes["node-config"]["configMap"]["name"])
@@ -305,6 +311,74 @@ def policies_for(objs: list[Obj], labels: dict[str, str], kind: str) -> list[Obj
         if kind in p["spec"]["policyTypes"]
         and selects(p["spec"]["podSelector"].get("matchLabels", {}), labels)
     ]
+
+
+def _peer_matches(peer: Obj, pod: dict[str, str], namespace: dict[str, str]) -> bool:
+    """A NetworkPolicy peer (from/to) admits a pod with these labels in a namespace with these
+    labels (a peer without namespaceSelector means the policy's own namespace, "pema")."""
+    if "ipBlock" in peer:
+        return False  # pod traffic inside the cluster is never addressed by ipBlock here
+    ns_sel = peer.get("namespaceSelector")
+    if ns_sel is None:
+        in_ns = namespace.get("kubernetes.io/metadata.name") == "pema"
+    else:
+        in_ns = selects(ns_sel.get("matchLabels", {}), namespace)
+    pod_sel = peer.get("podSelector")
+    return in_ns and (pod_sel is None or selects(pod_sel.get("matchLabels", {}), pod))
+
+
+def _admits(
+    rules: list[Obj], peers_key: str, pod: dict[str, str], ns: dict[str, str], port: int
+) -> bool:
+    for rule in rules:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if ports and port not in ports:
+            continue
+        if any(_peer_matches(peer, pod, ns) for peer in rule.get(peers_key, [])):
+            return True
+    return False
+
+
+def reaches(
+    objs: list[Obj], src: dict[str, str], src_ns: dict[str, str], dst: dict[str, str], port: int
+) -> bool:
+    """Whether the policies (default deny in both directions) let a pod with labels `src` in a
+    namespace labelled `src_ns` open a TCP connection to a pema pod labelled `dst` on `port`."""
+    pema = {"kubernetes.io/metadata.name": "pema"}
+    ingress = [r for p in policies_for(objs, dst, "Ingress") for r in p["spec"].get("ingress", [])]
+    if not _admits(ingress, "from", src, src_ns, port):
+        return False
+    if src_ns != pema:
+        return True  # egress of other namespaces is their own policies' business
+    egress = [r for p in policies_for(objs, src, "Egress") for r in p["spec"].get("egress", [])]
+    return _admits(egress, "to", dst, pema, port)
+
+
+def test_only_operators_reach_the_superlink_control_port(rendered: dict[str, list[Obj]]) -> None:
+    """Tenant pods reach the SuperLink's Fleet port and not its Control port (where runs are
+    submitted, whose ClientApps then run in every tenant's pod); an operator namespace's pods
+    reach the Control port."""
+    pema = {"kubernetes.io/metadata.name": "pema"}
+    operator_ns = {"kubernetes.io/metadata.name": "ops", "pema.io/role": "operator"}
+    for overlay, objs in rendered.items():
+        superlink = pod_labels(by_name(objs, "Deployment", "superlink"))
+        (c,) = pod_spec(by_name(objs, "Deployment", "superlink"))["containers"]
+        fleet, control = (
+            int(flag(c["command"], "--fleet-port") or 0),
+            int(flag(c["command"], "--port") or 0),
+        )
+        tenants = [
+            pod_labels(s) for s in of_kind(objs, "StatefulSet") if s["metadata"]["name"] != "redis"
+        ]
+        for tenant in tenants:  # prod lists none until new_tenant.py adds them
+            assert reaches(objs, tenant, pema, superlink, fleet), (overlay, tenant)
+            assert not reaches(objs, tenant, pema, superlink, control), (overlay, tenant)
+            # Nor from any other namespace under the tenant's pod labels.
+            assert not reaches(
+                objs, tenant, {"kubernetes.io/metadata.name": "x"}, superlink, control
+            )
+        assert reaches(objs, {"app": "flwr-cli"}, operator_ns, superlink, control), overlay
+        assert not reaches(objs, {"app": "flwr-cli"}, pema, superlink, control), overlay
 
 
 def test_network_policies(rendered: dict[str, list[Obj]]) -> None:

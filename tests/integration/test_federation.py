@@ -1,12 +1,19 @@
-"""Federated rounds with real processes: a coordinator serving a tiny random Llama model,
-flower-superlink, two flower-supernodes, `flwr run`, and a Pushgateway with a Prometheus server
-scraping it and the coordinator. Every process is stopped at the end, also when a test fails.
+"""Federated rounds with real processes: a coordinator serving a tiny random Llama model, the
+SuperLink (TLS, SuperNode authentication, Fleet API on its own port), authenticated
+flower-supernodes, `flwr run`, and a Pushgateway with a Prometheus server scraping it and the
+coordinator. Every message the ServerApp receives is recorded (run config `audit-log`) and checked
+against the reply allow-list. Every process is stopped at the end, also when a test fails.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import ssl
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,11 +32,13 @@ from tenant.demo import (
     Processes,
     promql,
     read_rows,
+    read_samples,
     start_coordinator,
     start_metrics,
     wait_for,
     write_pairs,
 )
+from tenant.federation import ARRAYS, EVALUATE_METRICS, INFO, INFO_FIELDS, METRICS, TRAIN_METRICS
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ROUNDS = 2
@@ -72,6 +81,47 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
                 client.delete(*keys)
 
 
+def assert_only_allowed(audit: Path, aggregation: str, private: list[str]) -> list[dict]:
+    """Every reply the ServerApp received carries only allow-listed fields, no reply field was
+    dropped (the tenants built them right), error replies say a phase and a class, and none of
+    the tenants' private strings appears in the record."""
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert entries
+    for e in entries:
+        assert "dropped" not in e, e
+        if "error" in e:
+            if e["error"]["code"] == 2:  # raised in the ClientApp: the tenant's own reply
+                assert re.fullmatch(r"(train|evaluate)-failed:\w+", e["error"]["reason"]), e
+            continue
+        allowed = TRAIN_METRICS if e["type"] == "train" else EVALUATE_METRICS
+        for record, fields in e["records"].items():
+            name, kind = record.split(":")
+            if kind == "MetricRecord":
+                assert name == METRICS and set(fields) <= allowed, e
+                assert set(fields.values()) <= {"int", "float"}, e
+            elif kind == "ConfigRecord":
+                assert name == INFO and set(fields) <= set(INFO_FIELDS), e
+                assert all(v.startswith("str:") for v in fields.values()), e
+            else:
+                assert kind == "ArrayRecord" and name == ARRAYS, e
+                assert aggregation == "fedavg" and e["type"] == "train", e
+    assert_absent(private, audit)
+    return entries
+
+
+def assert_absent(private: list[str], *files: Path) -> None:
+    for f in files:
+        text = f.read_text(errors="replace")
+        for s in private:
+            assert s not in text, f"{s!r} reached {f.name}"
+
+
+def private_texts(samples: Path) -> list[str]:
+    """What the tenant's evaluate step keeps to itself (long enough not to match by chance)."""
+    out = {v for r in read_samples(samples).values() for k, v in r.items() if k != "round"}
+    return [v for v in out if isinstance(v, str) and len(v.strip()) >= 12]
+
+
 def weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(adapter_dir / WEIGHTS_FILE))
 
@@ -109,6 +159,7 @@ def test_two_tenants_two_rounds(services: Services, aggregation: str) -> None:
                 "aggregation": aggregation,
                 "eval-sample-size": 2,
                 "shard-pairs": 8,
+                "audit-log": str(run_dir / "audit.jsonl"),
             },
             timeout=1200,
         )
@@ -128,17 +179,25 @@ def test_two_tenants_two_rounds(services: Services, aggregation: str) -> None:
         assert {"bleu", "chrf", "valid-loss"} <= r.keys()
         # Round 2 reads both memories from Redis (same tenant, same data).
         assert r["cache-hit"] == (1 if r["round"] > 1 else 0)
+        assert r["group"] == "kjv" and r["memory-mode"] == "teacher-forced"
+    # Nothing but numbers and closed-set identifiers reached the server; the sample generations
+    # stayed in each tenant's own log.
+    private = [t for d in (run_dir / "adapters").glob("*.samples.jsonl") for t in private_texts(d)]
+    assert private
+    entries = assert_only_allowed(run_dir / "audit.jsonl", aggregation, private)
+    assert len(entries) == 2 * 2 * ROUNDS  # train + evaluate, two tenants, every round
+    assert_absent(private, table, table.with_suffix(".jsonl"), run_dir / "flwr-rounds.log")
     adapters = [run_dir / "adapters" / t for t in tenants]
     assert all((a / WEIGHTS_FILE).is_file() for a in adapters)
     a, b = (weights(d) for d in adapters)
     if aggregation == "fedavg":
         assert all(r["arrays-sent"] > 0 for r in rows)
-        assert {r["started_from"] for r in rows if r["round"] > 1} == {"group"}
+        assert {r["started-from"] for r in rows if r["round"] > 1} == {"group"}
         assert all(torch.equal(a[k], b[k]) for k in a)
     else:
         # Not one adapter array reached the ServerApp; each tenant resumed its own checkpoint.
         assert all(r["arrays-sent"] == 0 for r in rows)
-        assert {r["started_from"] for r in rows if r["round"] > 1} == {"checkpoint"}
+        assert {r["started-from"] for r in rows if r["round"] > 1} == {"checkpoint"}
         assert not all(torch.equal(a[k], b[k]) for k in a)
 
     # Prometheus scraped every tenant's training figures from the Pushgateway.
@@ -167,13 +226,32 @@ def test_two_tenants_two_rounds(services: Services, aggregation: str) -> None:
     assert {s["metric"]["tenant"] for s in encodes} == set(tenants)
 
 
-def test_a_tenant_killed_mid_round(services: Services) -> None:
-    """Tenant B's SuperNode is killed while it trains in round 2 and comes back: tenant A's
-    round completes without it, and B's next round resumes from its own round-1 checkpoint."""
+def post(url: str, context: ssl.SSLContext) -> int:
+    """The HTTP status of an empty POST (a Control API call without credentials)."""
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_trust_boundaries_and_a_tenant_killed_mid_round(services: Services) -> None:
+    """One federation, several boundaries:
+    - a SuperNode whose key the operator never registered is refused by the SuperLink;
+    - the Fleet port does not serve the Control API (the port tenants reach cannot submit runs);
+    - tenant A's node config claims group "kjv", which the operator did not assign: logged, and
+      its adapter is not averaged (it resumes its own checkpoint);
+    - tenant C fails every round (its data path does not exist): its rows keep its tenant id and
+      its error reply names a phase and an exception class, never the path;
+    - tenant B's SuperNode is killed while it trains in round 2 and comes back: A's round
+      completes without it, and B's next round resumes from its own round-1 checkpoint."""
     run_dir = services.workdir / "fault"
     a, b = services.tenants["none"]  # fresh adapter folders below, same registered tenants
+    c = services.tenants["fedavg"][0]
     procs = Processes(run_dir / "logs")
     fed = Federation(procs, run_dir)
+    secret = f"private-{uuid.uuid4().hex[:8]}"
     configs = {
         t: {
             "tenant-id": t,
@@ -185,9 +263,23 @@ def test_a_tenant_killed_mid_round(services: Services) -> None:
             "adapter-dir": run_dir / "adapters" / t,
             "cache-dir": run_dir / "cache",
         }
-        for t in (a, b)
+        for t in (a, b, c)
     }
-    nodes = {t: fed.add_node(t, c) for t, c in configs.items()}
+    configs[a]["aggregation-group"] = "kjv"
+    configs[c]["train"] = run_dir / secret / "train.tsv"
+    context = ssl.create_default_context(cafile=str(fed.ca))
+    try:
+        stranger = fed.start_node("stranger", {**configs[b], "tenant-id": "stranger"})
+        assert stranger.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in (procs.logs / "supernode-stranger.log").read_text()
+        control = "/v1/control/list-runs"
+        assert post(f"https://127.0.0.1:{fed.fleet_port}{control}", context) == 404
+        assert post(f"https://127.0.0.1:{fed.port}{control}", context) != 404
+        # The operator assigns no group to anyone: A's claim must not make it a member.
+        nodes = {t: fed.add_node(t, cfg, group="") for t, cfg in configs.items()}
+    except BaseException:
+        procs.stop_all()
+        raise
     events: list[str] = []
 
     def inject(line: str) -> None:
@@ -199,16 +291,17 @@ def test_a_tenant_killed_mid_round(services: Services) -> None:
     def crash_and_restart() -> None:
         procs.crash(nodes[b])
         events.append("crashed")
-        fed.add_node(f"{b}-restarted", configs[b])
+        fed.add_node(f"{b}-restarted", configs[b], group="")
 
     try:
         table = fed.run(
             {
                 "num-server-rounds": 3,
-                "aggregation": "none",
+                "aggregation": "fedavg",
                 "eval-sample-size": 1,
                 "min-nodes": 1,  # a round must not wait for a tenant that died
                 "round-timeout": 240.0,
+                "audit-log": str(run_dir / "audit.jsonl"),
             },
             timeout=1200,
             on_line=inject,
@@ -218,11 +311,28 @@ def test_a_tenant_killed_mid_round(services: Services) -> None:
     print(table.read_text())
     assert events == ["scheduled", "crashed"]
     rows = read_rows(table)
-    done = {(r["round"], r.get("tenant")) for r in rows if "error" not in r and "tenant" in r}
+    done = {(r["round"], r["tenant"]) for r in rows if "error" not in r}
     assert {(1, a), (2, a), (3, a), (1, b), (3, b)} <= done
-    # The one failure is B's round-2 training; its restarted node, which trained nothing in
+    # B's one failure is its round-2 training; its restarted node, which trained nothing in
     # round 2, is not asked to evaluate an adapter it does not have.
-    failed = [(r["round"], r["error"]) for r in rows if "error" in r]
+    failed = [(r["round"], r["error"]) for r in rows if "error" in r and r["tenant"] == b]
     assert len(failed) == 1 and failed[0][0] == 2 and failed[0][1].startswith("train: "), failed
-    b_round3 = next(r for r in rows if r["round"] == 3 and r.get("tenant") == b)
-    assert b_round3["started_from"] == "checkpoint"
+    b_round3 = next(r for r in rows if r["round"] == 3 and r["tenant"] == b)
+    assert b_round3["started-from"] == "checkpoint"
+    # C failed every round under its own name, with a code and a class only.
+    c_rows = [r for r in rows if r["tenant"] == c]
+    assert [r["round"] for r in c_rows] == [1, 2, 3]
+    assert {r["error"] for r in c_rows} == {"train: train-failed:DataError"}
+    # A's claim was logged and ignored: its adapter reached the server but was never averaged.
+    a_rows = [r for r in rows if r["tenant"] == a]
+    assert all(r["claimed-group"] == "kjv" and r["group"] == "" for r in a_rows)
+    assert all(r["arrays-sent"] > 0 for r in a_rows)
+    assert {r["started-from"] for r in a_rows if r["round"] > 1} == {"checkpoint"}
+    server_log = run_dir / "flwr-rounds.log"
+    assert (
+        f"{a} claims group 'kjv' but is assigned '(private)': claim ignored"
+        in server_log.read_text()
+    )
+    private = [secret, *private_texts(run_dir / "adapters" / f"{a}.samples.jsonl")]
+    assert_only_allowed(run_dir / "audit.jsonl", "fedavg", private)
+    assert_absent(private, table, table.with_suffix(".jsonl"), server_log)
