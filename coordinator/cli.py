@@ -33,9 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--tenants", type=Path, default=None, help="tenants JSON/TOML (else the env variable)"
     )
-    s.add_argument("--tls-cert", type=Path, default=None)
-    s.add_argument("--tls-key", type=Path, default=None)
-    s.add_argument("--tls-client-ca", type=Path, default=None, help="require client certs (mTLS)")
+    s.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        help="PEM server certificate chain: serve gRPC over TLS (default: none, plaintext)",
+    )
+    s.add_argument(
+        "--tls-key", type=Path, default=None, help="PEM key of --tls-cert (default: none)"
+    )
+    s.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="PEM CA: require tenants to present a certificate it signed, mutual TLS "
+        "(default: none, tenants authenticate by token only)",
+    )
+    s.add_argument(
+        "--health-port",
+        type=int,
+        default=-1,
+        help="plaintext port serving only grpc.health.v1, for probes that cannot speak TLS "
+        "(default: -1, none)",
+    )
     s.add_argument("--max-batch-tokens", type=int, default=4096)
     s.add_argument("--max-queued-tokens", type=int, default=262144)
     s.add_argument("--max-message-bytes", type=int, default=8 << 20)
@@ -66,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         metrics_host=args.metrics_host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls=tls,
+        health_port=None if args.health_port < 0 else args.health_port,
         max_batch_tokens=args.max_batch_tokens,
         max_queued_tokens=args.max_queued_tokens,
         max_message_bytes=args.max_message_bytes,

@@ -14,7 +14,10 @@ import logging
 import os
 import queue
 import random
+import re
 import shutil
+import socket
+import ssl
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +35,7 @@ from pema.errors import DataError, ModelError, PemaError
 from pema.head import LMHead, load_head, save_head
 from pema.models import cache_dir
 from proto import serde
+from proto.tls import read_pem
 from proto.gen.pemaservice.v1 import coordinator_pb2 as pb
 from proto.gen.pemaservice.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -62,14 +66,22 @@ class TlsOptions:
     key: Path | None = None
     server_name: str | None = None  # override the name checked in the server's certificate
 
-    def credentials(self) -> grpc.ChannelCredentials:
+    def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
             raise PemaError("a client certificate needs its key, and the key its certificate")
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.ca.read_bytes() if self.ca else None,
-            private_key=self.key.read_bytes() if self.key else None,
-            certificate_chain=self.cert.read_bytes() if self.cert else None,
+        self.pem()  # a wrong path is one line now, not a traceback or a failed handshake later
+
+    def pem(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(CA, key, certificate chain) as PEM bytes."""
+        return (
+            read_pem(self.ca, "CA certificate") if self.ca else None,
+            read_pem(self.key, "client key") if self.key else None,
+            read_pem(self.cert, "client certificate") if self.cert else None,
         )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        ca, key, chain = self.pem()
+        return grpc.ssl_channel_credentials(ca, key, chain)
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,75 @@ def _error(method: str, e: grpc.RpcError) -> CoordinatorError:
     return CoordinatorError(method, code, details or "")
 
 
+class CoordinatorTlsError(CoordinatorError):
+    """Tenant and coordinator disagree about TLS: a configuration error, never retried."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        PemaError.__init__(self, f"coordinator {address}: {reason}")
+        self.code = grpc.StatusCode.UNAVAILABLE
+        self.details = reason
+
+
+def _probe_tls(address: str, tls: TlsOptions | None) -> str:
+    """Ask the server directly what gRPC only reports as "Socket closed": "tls" (it completed a
+    TLS handshake and took this client), "refused" (TLS, but it refused this client's
+    certificate or the lack of one) or "other" (no TLS, or not reachable)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # Only the protocol is in question here; gRPC verifies the certificate on the real channel.
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        if tls is not None and tls.cert and tls.key:
+            ctx.load_cert_chain(tls.cert, tls.key)
+        with (
+            socket.create_connection((host, int(port)), timeout=3) as raw,
+            ctx.wrap_socket(raw, server_hostname=host) as s,
+        ):
+            # TLS 1.3 sends the verdict on a client certificate after the handshake: a gRPC
+            # server that accepts us sends its HTTP/2 settings, one that refuses an alert.
+            s.settimeout(3)
+            try:
+                return "tls" if s.recv(1) else "refused"
+            except ssl.SSLError:
+                return "refused"
+            except TimeoutError:
+                return "tls"
+    except (OSError, ValueError):  # ssl.SSLError included: the server does not speak TLS
+        return "other"
+
+
+def tls_diagnosis(address: str, tls: TlsOptions | None, details: str) -> str | None:
+    """The TLS misconfiguration behind a failed connection, in words; None when the failure is
+    not about TLS (an unreachable or restarting server is retried as usual)."""
+    d = details.lower()
+    if "wrong_version_number" in d:
+        return (
+            "the server does not use TLS: drop --tls-ca/--tls-cert/--tls-key, or turn TLS on at "
+            "the coordinator"
+        )
+    if tls is not None and ("handshake failed" in d or "hostname verification" in d):
+        reason = re.search(r"OPENSSL_internal:([A-Z_]+)", details)
+        why = reason.group(1) if reason else "its name does not match " + address
+        return (
+            f"certificate not trusted: the server's certificate does not verify against "
+            f"{tls.ca or 'the system CAs'} ({why})"
+        )
+    if "socket closed" in d or "connection reset" in d:
+        verdict = _probe_tls(address, tls)
+        if tls is None and verdict in ("tls", "refused"):
+            return "the server requires TLS: pass --tls-ca with the CA that signed its certificate"
+        if tls is not None and verdict == "refused":
+            what = "its CA did not sign this one" if tls.cert else "none was given"
+            return (
+                f"the server requires a client certificate (mutual TLS) and {what}: "
+                "pass --tls-cert and --tls-key"
+            )
+    return None
+
+
 class CoordinatorClient:
     """Typed calls to one coordinator."""
 
@@ -130,6 +211,10 @@ class CoordinatorClient:
                 return fn()
             except grpc.RpcError as e:
                 err = _error(method, e)
+                if err.code == grpc.StatusCode.UNAVAILABLE:
+                    tls = tls_diagnosis(self.config.address, self.config.tls, err.details)
+                    if tls is not None:
+                        raise CoordinatorTlsError(self.config.address, tls) from None
                 if err.code != grpc.StatusCode.UNAVAILABLE or attempt == self.config.retries:
                     raise err from None
                 log.info("%s unavailable (%s); retry in %.2f s", method, err.details, delay)
