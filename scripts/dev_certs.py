@@ -46,7 +46,9 @@ def _write_key(path: Path, key: Key) -> None:
         f.write(pem)
 
 
-def _builder(subject: str, issuer: x509.Name, public: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+def _builder(
+    subject: str, issuer: x509.Name, public: ec.EllipticCurvePublicKey
+) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
@@ -150,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"dev_certs: error: {e}", file=sys.stderr)
         return 2
-    print(f"dev_certs: CA, server ({', '.join(hosts)}) and {len(clients)} client cert(s) in {a.out}")
+    print(
+        f"dev_certs: CA, server ({', '.join(hosts)}) and {len(clients)} client cert(s) in {a.out}"
+    )
     return 0
 
 

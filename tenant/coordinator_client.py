@@ -35,9 +35,9 @@ from pema.errors import DataError, ModelError, PemaError
 from pema.head import LMHead, load_head, save_head
 from pema.models import cache_dir
 from proto import serde
-from proto.tls import read_pem
 from proto.gen.pemaservice.v1 import coordinator_pb2 as pb
 from proto.gen.pemaservice.v1 import coordinator_pb2_grpc as pb_grpc
+from proto.tls import read_pem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,6 +65,11 @@ class TlsOptions:
     cert: Path | None = None
     key: Path | None = None
     server_name: str | None = None  # override the name checked in the server's certificate
+
+    @classmethod
+    def named(cls, ca: Path | None, cert: Path | None, key: Path | None) -> TlsOptions | None:
+        """TLS when any of its files is named, else None (plaintext)."""
+        return cls(ca, cert, key) if ca or cert or key else None
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):

@@ -26,6 +26,7 @@ from pema.prompts import DEFAULT_TEMPLATE, PromptFormat
 from pema.training import TrainConfig, TrainEvent, evaluate_memory
 from tenant.backend import Backend, coordinator_backend, local_backend
 from tenant.cli import BEST as _BEST
+from tenant.coordinator_client import TlsOptions
 from tenant.jobs import evaluate_job, obtain_memory, train_job
 from tenant.memory_store import ShardedMemoryStore, check_tenant_id
 from tenant.metrics import PeakRss, RoundFigures, push_quality, push_round
@@ -66,6 +67,16 @@ class NodeConfig:
     # a request may wait behind others' for a while on a small machine.
     coordinator_timeout: float = 600.0
     encode_request_tokens: int = 4096
+    # TLS to the coordinator (CA; client cert + key for mutual TLS) and to Redis (rediss://).
+    coordinator_tls_ca: Path | None = None
+    coordinator_tls_cert: Path | None = None
+    coordinator_tls_key: Path | None = None
+    redis_tls_ca: Path | None = None
+
+    def coordinator_tls(self) -> TlsOptions | None:
+        return TlsOptions.named(
+            self.coordinator_tls_ca, self.coordinator_tls_cert, self.coordinator_tls_key
+        )
 
     @classmethod
     def from_context(cls, context: Context) -> NodeConfig:
@@ -97,6 +108,10 @@ class NodeConfig:
             threads=int(c.get("threads", 1)),
             coordinator_timeout=float(c.get("coordinator-timeout", 600.0)),
             encode_request_tokens=int(c.get("encode-request-tokens", 4096)),
+            coordinator_tls_ca=path("coordinator-tls-ca"),
+            coordinator_tls_cert=path("coordinator-tls-cert"),
+            coordinator_tls_key=path("coordinator-tls-key"),
+            redis_tls_ca=path("redis-tls-ca"),
         )
 
 
@@ -144,6 +159,7 @@ def make_backend(node: NodeConfig) -> Backend:
         return coordinator_backend(
             node.coordinator,
             node.token,
+            node.coordinator_tls(),
             timeout=node.coordinator_timeout,
             max_request_tokens=node.encode_request_tokens,
         )
@@ -153,8 +169,9 @@ def make_backend(node: NodeConfig) -> Backend:
 def _store(node: NodeConfig, run: RunSettings) -> ShardedMemoryStore:
     root = node.cache_dir or cache_dir() / "memories"
     return open_memory_store(
-        node.redis_url or None, root, node.cache_fallback, run.redis_ttl, run.shard_pairs
-    )
+        node.redis_url or None, root, node.cache_fallback, run.redis_ttl, run.shard_pairs,
+        node.redis_tls_ca,
+    )  # fmt: skip
 
 
 def adapter_config(template: str) -> AdapterConfig:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -15,11 +17,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.cli import main as coordinator_main
 from coordinator.config import CoordinatorConfig, Tenant, TlsConfig, hash_token
 from coordinator.server import CoordinatorServer, load_model
+from pema.errors import PemaError
 from proto.gen.pemaservice.v1 import coordinator_pb2 as pb
 from proto.gen.pemaservice.v1 import coordinator_pb2_grpc as pb_grpc
 from tenant.cli import main as tenant_main
@@ -29,6 +33,8 @@ from tenant.coordinator_client import (
     CoordinatorTlsError,
     TlsOptions,
 )
+from tenant.memory_store import CacheError
+from tenant.redis_store import RedisMemoryStore, tenant_acl_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "tls-tenant-token"
@@ -87,7 +93,9 @@ def pairs(path: Path) -> Path:
     words = ["in", "the", "beginning", "god", "created", "the", "heaven", "and", "the", "earth"]
     path.write_text(
         "source\ttarget\n"
-        + "".join(f"{' '.join(words[i : i + 3])}\t{' '.join(words[i + 1 : i + 4])}\n" for i in range(6))
+        + "".join(
+            f"{' '.join(words[i : i + 3])}\t{' '.join(words[i + 1 : i + 4])}\n" for i in range(6)
+        )
     )
     return path
 
@@ -105,7 +113,9 @@ def test_tenant_trains_and_generates_over_tls(
         tls += ["--tls-key", str(servers.certs / "acme.key")]
     remote = ["--coordinator", servers.mtls if mutual else servers.tls, *tls]
     train = ["train", "--train", str(tsv), "--valid", str(tsv), "--out", str(out)]
-    assert tenant_main([*train, "--rank", "4", "--epochs", "1", "--no-cache", "--quiet", *remote]) == 0
+    assert (
+        tenant_main([*train, "--rank", "4", "--epochs", "1", "--no-cache", "--quiet", *remote]) == 0
+    )
     assert (out / "adapter.safetensors").is_file()
     assert tenant_main(["generate", "--adapter", str(out), *remote, "the earth"]) == 0
 
@@ -176,7 +186,10 @@ def test_cli_misconfiguration_is_one_line_exit_2(servers: Servers, tmp_path: Pat
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, (name, out, err)
-        assert err.count("\n") == 1 and err.startswith("pema-tenant: error: coordinator "), (name, err)
+        assert err.count("\n") == 1 and err.startswith("pema-tenant: error: coordinator "), (
+            name,
+            err,
+        )
         assert cases[name][2] in err, (name, err)
 
 
@@ -214,3 +227,54 @@ def test_coordinator_tls_flags_are_checked(
         assert coordinator_main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
+
+
+# -- Redis over TLS with the per-tenant ACL users -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_redis(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real redis-server speaking only TLS (as the prod overlay's), on a free port."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    root = tmp_path_factory.mktemp("redis-tls")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = servers.certs
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(c / "server.crt"), "--tls-key-file", str(c / "server.key"),
+         "--tls-ca-cert-file", str(c / "ca.crt"), "--tls-auth-clients", "no",
+         "--save", "", "--appendonly", "no", "--dir", str(root)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    admin = redis.Redis(port=port, ssl=True, ssl_ca_certs=str(c / "ca.crt"))
+    for _ in range(100):
+        try:
+            admin.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.1)
+    for tenant in ("acme", "globex"):
+        admin.execute_command("ACL", "SETUSER", f"pema-{tenant}", *tenant_acl_rules(tenant, "pw"))
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_redis_store_over_tls_with_acl_users(servers: Servers, tls_redis: int) -> None:
+    ca = servers.certs / "ca.crt"
+    url = f"rediss://pema-acme:pw@localhost:{tls_redis}/0"
+    store = RedisMemoryStore.connect(url, tls_ca=ca)
+    store._write("acme", "addr", [("blob", b"x")])
+    assert store._read("acme", "addr", ["blob"]) == [b"x"]
+    with pytest.raises(CacheError, match="NOPERM"):
+        store._read("globex", "addr", ["blob"])
+    # Plaintext to the TLS port, and a server certificate of another CA, are refused.
+    with pytest.raises(CacheError, match="unavailable"):
+        RedisMemoryStore.connect(f"redis://pema-acme:pw@localhost:{tls_redis}/0")
+    with pytest.raises(CacheError, match="CERTIFICATE_VERIFY_FAILED"):
+        RedisMemoryStore.connect(url, tls_ca=servers.other / "ca.crt")
+    with pytest.raises(PemaError, match="does not exist"):
+        RedisMemoryStore.connect(url, tls_ca=servers.other / "missing.crt")
