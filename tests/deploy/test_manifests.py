@@ -171,8 +171,11 @@ def test_coordinator(rendered: dict[str, list[Obj]]) -> None:
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert flag(c["command"], "--port") == str(ports["grpc"]) == "50051"
         assert flag(c["command"], "--metrics-port") == str(ports["metrics"]) == "9100"
+        # Native gRPC probes on grpc.health.v1, on the plaintext health-only port (the kubelet
+        # cannot speak TLS to 50051).
+        assert flag(c["command"], "--health-port") == str(ports["health"]) != "50051"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == 50051, probe  # native gRPC on grpc.health.v1
+            assert c[probe]["grpc"]["port"] == ports["health"], probe
         grace = float(flag(c["command"], "--grace-seconds") or 30)
         assert spec["terminationGracePeriodSeconds"] > grace
         model = flag(c["command"], "--model")
@@ -248,7 +251,8 @@ def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
             assert pairs["tenant-id"] == tenant
             assert pairs["coordinator"] == "coordinator:50051"
             assert pairs["pushgateway"] == "pushgateway:9091"
-            assert f"redis://pema-{tenant}:$REDIS_PASSWORD@redis:6379/0" in script
+            scheme = "rediss" if overlay.startswith("prod") else "redis"
+            assert f"{scheme}://pema-{tenant}:$REDIS_PASSWORD@redis:6379/0" in script
             refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
             assert refs == {f"tenant-{tenant}-credentials"}, where
             # The adapter folder is on the tenant's own PersistentVolumeClaim.
@@ -264,6 +268,64 @@ def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
             acl = b64(secrets["redis-acl"]["data"][f"{tenant}.acl"])
             assert acl.startswith(f"user pema-{tenant} on #") and f"~pema:{tenant}:*" in acl
             assert ">" not in acl  # no clear-text password
+
+
+def mounted_file(spec: Obj, container: Obj, path: str) -> Obj:
+    """The volume (a Secret's) that `path` in the container comes from."""
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (volume,) = [
+        volumes[m["name"]]
+        for m in container["volumeMounts"]
+        if path.startswith(m["mountPath"] + "/")
+    ]
+    return volume
+
+
+def test_tls_is_on_in_prod_and_off_in_dev(rendered: dict[str, list[Obj]]) -> None:
+    """Prod: the coordinator serves gRPC over TLS, Redis speaks only TLS, and every tenant
+    verifies both against the CA mounted from a Secret. Dev stays plaintext and says so."""
+    for overlay, objs in rendered.items():
+        spec = pod_spec(by_name(objs, "Deployment", "coordinator"))
+        (c,) = spec["containers"]
+        argv = c["command"] + c.get("args", [])
+        redis_sts = by_name(objs, "StatefulSet", "redis")
+        (r,) = pod_spec(redis_sts)["containers"]
+        conf_name = next(
+            v["configMap"]["name"] for v in pod_spec(redis_sts)["volumes"] if "configMap" in v
+        )
+        conf = dict(
+            line.split(None, 1)
+            for line in by_name(objs, "ConfigMap", conf_name)["data"]["redis.conf"].splitlines()
+            if line and not line.startswith("#")
+        )
+        tenants = [
+            s for s in of_kind(objs, "StatefulSet") if s["metadata"]["name"].startswith("tenant-")
+        ]
+        if not overlay.startswith("prod"):
+            assert flag(argv, "--tls-cert") is None and conf["port"] == "6379"
+            assert (
+                "plaintext"
+                in (DEPLOY / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text()
+            )
+            continue
+        for name in ("--tls-cert", "--tls-key"):
+            path = flag(argv, name)
+            assert path, name
+            assert mounted_file(spec, c, path)["secret"]["secretName"] == "coordinator-tls"
+        assert conf["port"] == "0" and conf["tls-port"] == "6379"
+        for key in ("tls-cert-file", "tls-key-file", "tls-ca-cert-file"):
+            secret = mounted_file(pod_spec(redis_sts), r, conf[key])["secret"]
+            assert secret["secretName"] == "redis-tls", key
+        assert "--tls" in r["readinessProbe"]["exec"]["command"]
+        for sts in tenants:
+            (t,) = pod_spec(sts)["containers"]
+            volumes = {v["name"]: v for v in pod_spec(sts)["volumes"]}
+            cm = by_name(objs, "ConfigMap", volumes["node-config"]["configMap"]["name"])
+            pairs = dict(item.split("=", 1) for item in shlex.split(cm["data"]["node-config"]))
+            assert "rediss://" in t["command"][-1]
+            for key in ("coordinator-tls-ca", "redis-tls-ca"):
+                ca = mounted_file(pod_spec(sts), t, pairs[key])
+                assert ca["secret"]["secretName"] == "pema-tls-ca", key
 
 
 def b64(value: str) -> str:
