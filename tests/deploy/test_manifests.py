@@ -619,10 +619,22 @@ def test_rules_cover_the_required_alerts() -> None:
     assert {
         "PemaCoordinatorDown",
         "PemaCoordinatorErrorRatio",
+        "PemaCoordinatorBadTokens",
         "PemaCoordinatorLatencyP99",
         "PemaTenantTrainingMemoryNearLimit",
         "PemaTenantMissingFromRounds",
     } <= alerts
+    # Each alert has a promtool unit test (deploy/check.py runs them).
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "rules_test.yml").read_text())
+    tested = {t["alertname"] for case in tests["tests"] for t in case["alert_rule_test"]}
+    assert {"PemaCoordinatorErrorRatio", "PemaCoordinatorBadTokens"} <= tested
+    error_ratio = next(
+        r["expr"]
+        for g in rules["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "PemaCoordinatorErrorRatio"
+    )
+    assert 'tenant!="_unauthenticated"' in error_ratio and "RESOURCE_EXHAUSTED" not in error_ratio
     readme = (DEPLOY / "README.md").read_text()
     for alert in alerts:
         assert alert in readme, f"deploy/README.md does not explain {alert}"
