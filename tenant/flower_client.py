@@ -29,7 +29,7 @@ from tenant.cli import BEST as _BEST
 from tenant.coordinator_client import TlsOptions
 from tenant.jobs import evaluate_job, obtain_memory, train_job
 from tenant.memory_store import ShardedMemoryStore, check_tenant_id
-from tenant.metrics import PeakRss, RoundFigures, push_quality, push_round
+from tenant.metrics import PeakRss, RoundFigures, record_quality, record_round
 from tenant.redis_store import open_memory_store
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,9 @@ class NodeConfig:
     cache_fallback: str = "disk"
     cache_dir: Path | None = None
     group: str = ""  # aggregation group; empty keeps the adapter private
-    pushgateway: str = ""
+    # Round figures for this tenant's metrics exporter (tenant.metrics); default: next to the
+    # adapter folder, where the cache counters have always been kept.
+    metrics_file: Path | None = None
     threads: int = 1
     # Tenants share the coordinator's CPU: smaller Encode requests interleave across tenants, and
     # a request may wait behind others' for a while on a small machine.
@@ -72,6 +74,9 @@ class NodeConfig:
     coordinator_tls_cert: Path | None = None
     coordinator_tls_key: Path | None = None
     redis_tls_ca: Path | None = None
+
+    def metrics_path(self) -> Path:
+        return self.metrics_file or self.adapter_dir.parent / f".{self.tenant_id}.metrics.json"
 
     def coordinator_tls(self) -> TlsOptions | None:
         return TlsOptions.named(
@@ -104,7 +109,7 @@ class NodeConfig:
             cache_fallback=str(c.get("cache-fallback", "disk")),
             cache_dir=path("cache-dir"),
             group=str(c.get("aggregation-group", "")),
-            pushgateway=str(c.get("pushgateway", "")),
+            metrics_file=path("metrics-file"),
             threads=int(c.get("threads", 1)),
             coordinator_timeout=float(c.get("coordinator-timeout", 600.0)),
             encode_request_tokens=int(c.get("encode-request-tokens", 4096)),
@@ -256,14 +261,11 @@ def train(msg: Message, context: Context) -> Message:
         "steps": sum(p.steps for p in outcome.report.phases.values()),
         "round-seconds": time.perf_counter() - started,
     }
-    if node.pushgateway:
-        figures = RoundFigures(
-            node.tenant_id, rss.peak, float(metrics["step-seconds"]), float(metrics["round-seconds"]),
-            float(s["memory_build_seconds"]), cache_hit, float(valid["loss"]),
-        )  # fmt: skip
-        push_round(
-            node.pushgateway, figures, node.adapter_dir.parent / f".{node.tenant_id}.metrics.json"
-        )
+    figures = RoundFigures(
+        rss.peak, float(metrics["step-seconds"]), float(metrics["round-seconds"]),
+        float(s["memory_build_seconds"]), cache_hit, float(valid["loss"]),
+    )  # fmt: skip
+    record_round(node.metrics_path(), figures)
     content = _reply(metrics, node, started_from=origin)
     if shared:
         # Only here does the adapter leave the tenant: the group's average needs it.
@@ -315,6 +317,5 @@ def evaluate(msg: Message, context: Context) -> Message:
             "zero-shot-chrf": result["zero_shot_chrf"],
         }
         extra["sample-zero-shot"] = result["zero_shot_outputs"][0]
-    if node.pushgateway:
-        push_quality(node.pushgateway, node.tenant_id, result["bleu"], result["chrf"])
+    record_quality(node.metrics_path(), result["bleu"], result["chrf"])
     return Message(_reply(metrics, node, **extra), reply_to=msg)

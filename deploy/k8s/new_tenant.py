@@ -46,6 +46,8 @@ def acl_line(tenant: str, password: str) -> str:
     return f"user pema-{tenant} " + " ".join(rules)
 
 
+# The ClientApp records round figures here; the pod's metrics container serves them.
+METRICS_FILE = "/var/lib/pema/metrics.json"
 # Where tenant pods mount the CA (Secret pema-tls-ca, key ca.crt) that signed the coordinator's
 # and Redis's certificates, under TLS (every overlay but dev).
 TLS_CA = "/etc/pema-tls/ca.crt"
@@ -60,7 +62,7 @@ def node_config(tenant: str, group: str, test: bool, tls: bool = False) -> str:
         "valid": "/data/valid.tsv",
         "adapter-dir": "/var/lib/pema/adapters",
         "cache-dir": "/var/lib/pema/cache",
-        "pushgateway": "pushgateway:9091",
+        "metrics-file": METRICS_FILE,
         "aggregation-group": group,
     }
     if test:
@@ -83,7 +85,7 @@ metadata:
     app.kubernetes.io/component: tenant
     pema.io/tenant: {tenant}
 spec:
-  serviceName: tenant-{tenant}
+  serviceName: pema-tenants  # deploy/k8s/base/tenants.yaml: gives the pod its scraped DNS name
   replicas: 1
   selector:
     matchLabels: *labels
@@ -150,6 +152,34 @@ spec:
             - {{name: flwr, mountPath: /var/lib/flwr}}
             - {{name: tmp, mountPath: /tmp}}
             - {{name: home, mountPath: /home/pema}}{tls_mount}
+        # Serves the figures the ClientApps record (tenant.metrics) to Prometheus, which adds the
+        # tenant label from this pod's name: the tenant cannot report under another's name.
+        - name: metrics
+          image: pema-service
+          command: ["python", "-m", "tenant.metrics", "--state={metrics_file}", "--port=9102"]
+          env:
+            - {{name: FLWR_TELEMETRY_ENABLED, value: "0"}}
+          ports:
+            - {{name: metrics, containerPort: 9102, protocol: TCP}}
+          readinessProbe:
+            httpGet: {{path: /metrics, port: metrics}}
+            periodSeconds: 30
+          livenessProbe:
+            httpGet: {{path: /metrics, port: metrics}}
+            periodSeconds: 60
+            timeoutSeconds: 5
+          resources:
+            requests: {{cpu: 10m, memory: 48Mi}}
+            limits: {{cpu: 200m, memory: 96Mi}}
+          securityContext:
+            runAsNonRoot: true
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities:
+              drop: ["ALL"]
+          volumeMounts:
+            - {{name: state, mountPath: /var/lib/pema, readOnly: true}}
+            - {{name: tmp, mountPath: /tmp}}
       volumes:
         - name: node-config
           configMap:
@@ -177,20 +207,6 @@ spec:
         resources:
           requests:
             storage: {state_size}
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: tenant-{tenant}
-  labels:
-    app.kubernetes.io/name: pema
-    app.kubernetes.io/component: tenant
-    pema.io/tenant: {tenant}
-spec:
-  clusterIP: None  # the StatefulSet's governing Service; nothing connects to a tenant
-  selector:
-    app.kubernetes.io/component: tenant
-    pema.io/tenant: {tenant}
 """
 
 TLS_MOUNT = """
@@ -286,6 +302,7 @@ def write_tenant(
             "data_size": data_size,
             "state_size": state_size,
             "redis_scheme": "rediss" if tls else "redis",
+            "metrics_file": METRICS_FILE,
             "tls_mount": TLS_MOUNT if tls else "",
             "tls_volume": TLS_VOLUME if tls else "",
         }

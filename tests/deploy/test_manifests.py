@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,7 +30,6 @@ OUR_IMAGE = "registry.example.com/pema/pema-service:"
 # Metrics the rules and dashboard may use that PEMA's code does not export, and who does.
 EXTERNAL_METRICS = {
     "up": "Prometheus, per scrape target",
-    "push_time_seconds": "the Pushgateway, per pushed group",
     "kube_pod_container_resource_limits": "kube-state-metrics",
 }
 
@@ -101,7 +101,7 @@ def test_overlays_render_what_the_federation_needs(rendered: dict[str, list[Obj]
         for needed in [
             ("Deployment", "coordinator"),
             ("Deployment", "superlink"),
-            ("Deployment", "pushgateway"),
+            ("Service", "pema-tenants"),
             ("StatefulSet", "redis"),
             ("PodDisruptionBudget", "coordinator"),
             ("NetworkPolicy", "default-deny"),
@@ -239,7 +239,9 @@ def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
             where = f"{overlay} tenant {tenant}"
             assert sts["metadata"]["name"] == f"tenant-{tenant}"
             spec = pod_spec(sts)
-            (c,) = spec["containers"]
+            assert sts["spec"]["serviceName"] == "pema-tenants", where  # its scraped DNS name
+            containers = {c["name"]: c for c in spec["containers"]}
+            c = containers["supernode"]
             script = c["command"][-1]
             assert "flower-supernode" in script and "--superlink=superlink:9092" in script
             # The node config: ConfigMap text plus the token and Redis URL from the Secret.
@@ -250,7 +252,16 @@ def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
             assert set(pairs) <= known, (where, set(pairs) - known)
             assert pairs["tenant-id"] == tenant
             assert pairs["coordinator"] == "coordinator:50051"
-            assert pairs["pushgateway"] == "pushgateway:9091"
+            # The metrics container serves the file the ClientApps record, read-only.
+            exporter = containers["metrics"]
+            assert flag(exporter["command"], "--state") == pairs["metrics-file"]
+            assert flag(exporter["command"], "--port") == str(exporter["ports"][0]["containerPort"])
+            (state_mount,) = [
+                m
+                for m in exporter["volumeMounts"]
+                if pairs["metrics-file"].startswith(m["mountPath"])
+            ]
+            assert state_mount["name"] == "state" and state_mount["readOnly"] is True
             scheme = "rediss" if overlay.startswith("prod") else "redis"
             assert f"{scheme}://pema-{tenant}:$REDIS_PASSWORD@redis:6379/0" in script
             refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
@@ -318,7 +329,7 @@ def test_tls_is_on_in_prod_and_off_in_dev(rendered: dict[str, list[Obj]]) -> Non
             assert secret["secretName"] == "redis-tls", key
         assert "--tls" in r["readinessProbe"]["exec"]["command"]
         for sts in tenants:
-            (t,) = pod_spec(sts)["containers"]
+            t = next(c for c in pod_spec(sts)["containers"] if c["name"] == "supernode")
             volumes = {v["name"]: v for v in pod_spec(sts)["volumes"]}
             cm = by_name(objs, "ConfigMap", volumes["node-config"]["configMap"]["name"])
             pairs = dict(item.split("=", 1) for item in shlex.split(cm["data"]["node-config"]))
@@ -378,9 +389,18 @@ def test_network_policies(rendered: dict[str, list[Obj]]) -> None:
             labels = pod_labels(sts)
             if labels.get("app.kubernetes.io/component") != "tenant":
                 continue
-            # Nothing reaches a tenant pod.
-            assert all(not p["spec"].get("ingress") for p in policies_for(objs, labels, "Ingress"))
-            # A tenant reaches DNS, the coordinator, the SuperLink, Redis and the Pushgateway.
+            # Only Prometheus (the monitoring namespace) reaches a tenant pod, on its metrics port.
+            for p in policies_for(objs, labels, "Ingress"):
+                for rule in p["spec"].get("ingress", []):
+                    assert [x["port"] for x in rule["ports"]] == [9102], p
+                    assert rule["from"] == [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                            }
+                        }
+                    ], p
+            # A tenant reaches DNS, the coordinator, the SuperLink and Redis; nothing else.
             reached = set()
             for p in policies_for(objs, labels, "Egress"):
                 for rule in p["spec"].get("egress", []):
@@ -391,8 +411,8 @@ def test_network_policies(rendered: dict[str, list[Obj]]) -> None:
                             reached.add("dns")
                         else:
                             reached.add(sel["app.kubernetes.io/component"])
-            assert reached == {"dns", "coordinator", "superlink", "redis", "pushgateway"}
-        # Metrics ports admit only the monitoring namespace (and tenants pushing to the gateway).
+            assert reached == {"dns", "coordinator", "superlink", "redis"}
+        # Metrics ports admit only the monitoring namespace.
         metrics_ports = {
             p["containerPort"]
             for w in workloads(objs)
@@ -407,11 +427,8 @@ def test_network_policies(rendered: dict[str, list[Obj]]) -> None:
                     continue
                 for peer in rule["from"]:
                     ns = peer.get("namespaceSelector", {}).get("matchLabels", {})
-                    pods = peer.get("podSelector", {}).get("matchLabels", {})
-                    pushing = pods.get("app.kubernetes.io/component") == "tenant" and ports == {
-                        9091
-                    }
-                    assert ns == {"kubernetes.io/metadata.name": "monitoring"} or pushing, p
+                    assert ns == {"kubernetes.io/metadata.name": "monitoring"}, p
+                    assert "podSelector" not in peer, p
 
 
 # --- scraping ---------------------------------------------------------------------------------
@@ -445,16 +462,20 @@ def test_every_metrics_port_is_scraped(rendered: dict[str, list[Obj]]) -> None:
     }
     for overlay, objs in rendered.items():
         services = metrics_services(objs)
-        assert {"coordinator-metrics", "pushgateway"} <= services.keys()
+        assert "coordinator-metrics" in services
+        if any(o["metadata"]["name"].startswith("tenant-") for o in of_kind(objs, "StatefulSet")):
+            assert "pema-tenants" in services
         # Without the Operator: prometheus.yml names an SRV record for each workload's metrics.
         scraped = {n.split(".")[2] for n in srv_names if n.startswith("_metrics._tcp.")}
         workload_of = {
             name: s["spec"]["selector"]["app.kubernetes.io/component"]
             for name, s in services.items()
         }
-        assert set(workload_of.values()) == {workload_of[s] for s in scraped}, overlay
-        for name in scraped:
-            assert services[name]["spec"].get("clusterIP") == "None" or name == "pushgateway"
+        assert set(workload_of.values()) == {workload_of[s] for s in scraped & services.keys()}, (
+            overlay
+        )
+        for name in scraped & services.keys():
+            assert services[name]["spec"].get("clusterIP") == "None"  # one target per pod
         # With the Operator (prod): a ServiceMonitor selects a Service for each of them.
         monitors = of_kind(objs, "ServiceMonitor")
         if overlay.startswith("prod"):
@@ -468,17 +489,26 @@ def test_every_metrics_port_is_scraped(rendered: dict[str, list[Obj]]) -> None:
                         covered.add(workload_of[s["metadata"]["name"]])
             assert covered == set(workload_of.values())
             jobs = {job["job_name"] for job in prom["scrape_configs"]}
-            job_labels = {s["metadata"]["labels"].get("pema.io/job") for s in services.values()} - {
-                None
-            }
+            job_labels = {
+                s["metadata"]["labels"].get("pema.io/job") for s in of_kind(objs, "Service")
+            } - {None}
             assert job_labels == jobs  # same job names with or without the Operator
-            pushgw = [m for m in monitors if "pushgateway" in m["metadata"]["name"]]
-            assert all(e.get("honorLabels") for m in pushgw for e in m["spec"]["endpoints"])
+            # The tenant label comes from the pod, and a pod cannot override it.
+            (tenant_monitor,) = [m for m in monitors if m["metadata"]["name"] == "pema-tenant"]
+            for e in tenant_monitor["spec"]["endpoints"]:
+                assert not e.get("honorLabels")
+                assert {
+                    "sourceLabels": ["__meta_kubernetes_pod_label_pema_io_tenant"],
+                    "targetLabel": "tenant",
+                } in e["relabelings"]
             (rule,) = of_kind(objs, "PrometheusRule")
             rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
             assert rule["spec"] == rules
-    gateway = next(j for j in prom["scrape_configs"] if j["job_name"] == "pema-pushgateway")
-    assert gateway["honor_labels"] is True
+    tenants = next(j for j in prom["scrape_configs"] if j["job_name"] == "pema-tenant")
+    assert not tenants.get("honor_labels")
+    (relabel, _) = tenants["relabel_configs"]
+    assert relabel["target_label"] == "tenant"
+    assert re.fullmatch(relabel["regex"], "tenant-kjv-a-0.pema-tenants.pema.svc.cluster.local.")
 
 
 # --- metric names: rules and dashboard vs the code --------------------------------------------
@@ -511,39 +541,24 @@ def metric_names(expr: str) -> set[str]:
 
 def exported_metrics() -> set[str]:
     """Series names the code exports, read from its prometheus_client registries."""
-    from prometheus_client import CollectorRegistry
-
     import tenant.metrics as tm
     from coordinator.metrics import Metrics
 
-    registries = [Metrics(["t"]).registry]
-    pushed: list[CollectorRegistry] = []
-
-    def capture(gateway: str, job: str, grouping_key: Any, registry: CollectorRegistry) -> None:
-        pushed.append(registry)
-
-    original = tm.pushadd_to_gateway
-    tm.pushadd_to_gateway = capture  # type: ignore[assignment]
-    try:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            figures = tm.RoundFigures("t", 1, 0.1, 1.0, 0.5, True, 0.3)
-            tm.push_round("gw:9091", figures, Path(tmp) / "state.json")
-            tm.push_quality("gw:9091", "t", 1.0, 2.0)
-    finally:
-        tm.pushadd_to_gateway = original
-    registries += pushed
-    assert len(pushed) == 2
+    families = list(Metrics(["t"]).registry.collect())
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp) / "state.json"
+        tm.record_round(state, tm.RoundFigures(1, 0.1, 1.0, 0.5, True, 0.3))
+        tm.record_quality(state, 1.0, 2.0)
+        assert tm.read_state(state).keys() == tm.SERIES.keys() - {"pema_tenant_cache_misses"}
+        families += tm.registry(state).collect()  # the tenant exporter's /metrics
     names: set[str] = set()
-    for reg in registries:
-        for family in reg.collect():
-            if family.type == "counter":
-                names |= {family.name + "_total", family.name + "_created"}
-            elif family.type == "histogram":
-                names |= {family.name + s for s in ("_bucket", "_sum", "_count", "_created")}
-            else:
-                names.add(family.name)
+    for family in families:
+        if family.type == "counter":
+            names |= {family.name + "_total", family.name + "_created"}
+        elif family.type == "histogram":
+            names |= {family.name + s for s in ("_bucket", "_sum", "_count", "_created")}
+        else:
+            names.add(family.name)
     return names
 
 
