@@ -152,13 +152,14 @@ def misconfigurations(s: Servers) -> dict[str, tuple[str, TlsOptions | None, str
 
 def test_misconfiguration_is_named_and_not_retried(servers: Servers) -> None:
     for name, (address, tls, expected) in misconfigurations(servers).items():
-        # A retried error would take at least the first backoff (2 s) to come back.
-        client = CoordinatorClient(ClientConfig(address, TOKEN, tls, retries=3, backoff=2.0))
+        # A retried error would take at least the first backoff (60 s) to come back; the bound
+        # leaves room for a loaded machine.
+        client = CoordinatorClient(ClientConfig(address, TOKEN, tls, retries=3, backoff=60.0))
         started = time.monotonic()
         with pytest.raises(CoordinatorTlsError) as info:
             client.model_info()
         client.close()
-        assert time.monotonic() - started < 1.5, name
+        assert time.monotonic() - started < 30, name
         assert expected in str(info.value), (name, str(info.value))
 
 
@@ -184,7 +185,7 @@ def test_cli_misconfiguration_is_one_line_exit_2(servers: Servers, tmp_path: Pat
             env={**os.environ, "PEMA_TOKEN": TOKEN, "PEMA_CACHE_DIR": str(tmp_path / "cache")},
         )
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=900)  # each imports torch: slow on a loaded machine
         assert proc.returncode == 2, (name, out, err)
         assert err.count("\n") == 1 and err.startswith("pema-tenant: error: coordinator "), (
             name,
