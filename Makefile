@@ -47,12 +47,12 @@ protos: setup
 check-protos: setup
 	$(BIN)/python -m proto.generate --check
 
-# Prometheus and its Pushgateway (Debian packages) for the metrics integration test.
+# Prometheus (a Debian package) for the metrics integration test and the demo.
 .PHONY: metrics-deps
 metrics-deps:
-	command -v prometheus >/dev/null && command -v prometheus-pushgateway >/dev/null || \
+	command -v prometheus >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends prometheus prometheus-pushgateway; }
+	    --no-install-recommends prometheus; }
 
 # Offline checks of deploy/ (manifests, image, Prometheus, Grafana): see deploy/README.md.
 .PHONY: deploy-check

@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="make a random token: prints the token, then its digest, one per line",
     )
+    s.add_argument(
+        "--health-port",
+        type=metrics_port,
+        default=-1,
+        help="plaintext port serving only grpc.health.v1, for probes that cannot speak TLS; "
+        "-1: none",
+    )
     pm = sub.add_parser(
         "provision-model", help="convert the default model into a cache folder; print its path"
     )
@@ -161,6 +168,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         metrics_host=args.metrics_host,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls=tls,
+        health_port=None if args.health_port < 0 else args.health_port,
         max_batch_tokens=args.max_batch_tokens,
         max_queued_tokens=args.max_queued_tokens,
         max_message_bytes=args.max_message_bytes,

@@ -28,6 +28,7 @@ from pydantic.dataclasses import dataclass as validated_dataclass
 
 from pema.errors import PemaError
 from pema.settings import DTYPE_NAMES
+from proto.tls import read_pem
 
 TENANTS_ENV = "PEMA_COORDINATOR_TENANTS"
 # Tenant ids become Prometheus label values and log fields: keep them short and plain.
@@ -152,9 +153,15 @@ class TlsConfig:
     client_ca: Path | None = None  # set: clients must present a certificate it signed (mTLS)
 
     def __post_init__(self) -> None:
-        for p in (self.cert, self.key, self.client_ca):
-            if p is not None and not p.is_file():
-                raise ConfigError(f"TLS file {p} does not exist")
+        self.pem()  # a wrong path or a non-PEM file is one line at start, not a failed bind
+
+    def pem(self) -> tuple[bytes, bytes, bytes | None]:
+        """(certificate chain, key, client CA) as PEM bytes."""
+        return (
+            read_pem(self.cert, "certificate"),
+            read_pem(self.key, "key"),
+            read_pem(self.client_ca, "client CA") if self.client_ca else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,9 @@ class CoordinatorConfig:
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = 9100  # None: no /metrics endpoint; 0: a free port
     tls: TlsConfig | None = None
+    # A plaintext port serving only grpc.health.v1, for kubelet probes, which cannot speak TLS
+    # to the main port. None: no such port; 0: a free port (tests).
+    health_port: int | None = None
     max_batch_tokens: int = 4096  # rows x longest row of one encode forward pass
     max_queued_tokens: int = 262144  # across tenants; beyond it new work is UNAVAILABLE
     max_items_per_request: int = 4096
@@ -187,6 +197,8 @@ class CoordinatorConfig:
             raise ConfigError(f"port {self.port} out of range")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"metrics port {self.metrics_port} out of range")
+        if self.health_port is not None and not 0 <= self.health_port < 65536:
+            raise ConfigError(f"health port {self.health_port} out of range")
         for name in (
             "max_batch_tokens",
             "max_queued_tokens",

@@ -11,7 +11,7 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -133,6 +133,8 @@ class CoordinatorServer:
         self.server.add_generic_rpc_handlers(handlers)
         self.port = 0
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.Server | None = None
         self._metrics_http: WSGIServer | None = None
         self._stopped = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="session-sweeper", daemon=True)
@@ -142,12 +144,27 @@ class CoordinatorServer:
         tls = self.config.tls
         if tls is None:
             return self.server.add_insecure_port(address)
+        chain, key, client_ca = tls.pem()
         credentials = grpc.ssl_server_credentials(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-            require_client_auth=tls.client_ca is not None,
+            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
         return self.server.add_secure_port(address, credentials)
+
+    def _bind_health(self) -> None:
+        """Health alone, in plaintext, on its own server: the kubelet's gRPC probe cannot speak
+        TLS, and a plaintext port on the main server would serve the Coordinator API (and carry
+        tenants' tokens) unencrypted."""
+        if self.config.health_port is None:
+            return
+        self._health_server = grpc.server(
+            futures.ThreadPoolExecutor(2, thread_name_prefix="health")
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+        address = f"{self.config.host}:{self.config.health_port}"
+        self.health_port = self._health_server.add_insecure_port(address)
+        if self.health_port == 0:
+            raise OSError(f"cannot bind {address}")
+        self._health_server.start()
 
     def start(self) -> None:
         try:
@@ -166,6 +183,7 @@ class CoordinatorServer:
             self.metrics_port = int(self._metrics_http.server_port)
         self.worker.start()
         self.server.start()
+        self._bind_health()
         self._sweeper.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -206,6 +224,8 @@ class CoordinatorServer:
             drained = stopped.wait(STOP_MARGIN_SECONDS)
             if not drained:
                 log.warning("gRPC had not stopped %.1f s after its grace: giving up", grace)
+        if self._health_server is not None:
+            self._health_server.stop(0)
         self.worker.stop()
         self._stopped.set()
         for pool in self._pools:

@@ -6,7 +6,8 @@
    KUBERNETES_VERSION; Prometheus Operator objects (ServiceMonitor, PrometheusRule) have no
    schema there (CRDs) and are checked structurally by tests/deploy/test_manifests.py instead;
 3. yamllint on deploy/ (deploy/.yamllint);
-4. `promtool check rules` and `promtool check config`;
+4. `promtool check rules`, `promtool test rules` (prometheus/rules_test.yml: which alerts fire
+   on given series) and `promtool check config`;
 5. generated files match their sources: grafana/dashboard.json (grafana/build_dashboard.py) and
    the PrometheusRule (prometheus/rules.yml);
 6. pytest tests/deploy: probes, limits, securityContext, scraped metrics ports, and every metric
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         run("yamllint", [str(BIN / "yamllint"), "--strict", "-c", "deploy/.yamllint", "deploy"])
     )
     results.append(run("promtool rules", ["promtool", "check", "rules", str(RULE_FILE)]))
+    rule_tests = str(RULE_FILE.with_name("rules_test.yml"))
+    results.append(run("promtool rule tests", ["promtool", "test", "rules", rule_tests]))
     prom = DEPLOY / "prometheus" / "prometheus.yml"
     results.append(run("promtool config", ["promtool", "check", "config", str(prom)]))
     print("== generated files match their sources")

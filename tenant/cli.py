@@ -74,10 +74,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--token", default=None, help="the tenant's coordinator token (default: $PEMA_TOKEN)"
     )
     p.add_argument(
-        "--tls-ca", type=Path, default=None, help="CA that signed the coordinator's cert"
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="PEM CA that signed the coordinator's certificate: connect over TLS "
+        "(default: none, plaintext unless --tls-cert is given; then the system's CAs)",
     )
-    p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
-    p.add_argument("--tls-key", type=Path, default=None, help="client key (mutual TLS)")
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        help="PEM client certificate for mutual TLS (default: none)",
+    )
+    p.add_argument(
+        "--tls-key", type=Path, default=None, help="PEM key of --tls-cert (default: none)"
+    )
     p.add_argument(
         "--coordinator-retry-seconds",
         type=non_negative_float,
@@ -98,8 +109,7 @@ def _backend(args: argparse.Namespace) -> Backend:
     token = args.token or os.environ.get("PEMA_TOKEN")
     if not token:
         raise PemaError("--coordinator needs --token (or PEMA_TOKEN)")
-    use_tls = args.tls_ca or args.tls_cert or args.tls_key
-    tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key) if use_tls else None
+    tls = TlsOptions.named(args.tls_ca, args.tls_cert, args.tls_key)
     return coordinator_backend(
         args.coordinator, token, tls, retry_seconds=args.coordinator_retry_seconds
     )

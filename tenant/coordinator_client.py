@@ -15,7 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import shutil
+import socket
+import ssl
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ from pema.models import cache_dir
 from proto import serde
 from proto.gen.pemaservice.v1 import coordinator_pb2 as pb
 from proto.gen.pemaservice.v1 import coordinator_pb2_grpc as pb_grpc
+from proto.tls import read_pem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,14 +73,27 @@ class TlsOptions:
     key: Path | None = None
     server_name: str | None = None  # override the name checked in the server's certificate
 
-    def credentials(self) -> grpc.ChannelCredentials:
+    @classmethod
+    def named(cls, ca: Path | None, cert: Path | None, key: Path | None) -> TlsOptions | None:
+        """TLS when any of its files is named, else None (plaintext)."""
+        return cls(ca, cert, key) if ca or cert or key else None
+
+    def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
             raise PemaError("a client certificate needs its key, and the key its certificate")
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.ca.read_bytes() if self.ca else None,
-            private_key=self.key.read_bytes() if self.key else None,
-            certificate_chain=self.cert.read_bytes() if self.cert else None,
+        self.pem()  # a wrong path is one line now, not a traceback or a failed handshake later
+
+    def pem(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(CA, key, certificate chain) as PEM bytes."""
+        return (
+            read_pem(self.ca, "CA certificate") if self.ca else None,
+            read_pem(self.key, "client key") if self.key else None,
+            read_pem(self.cert, "client certificate") if self.cert else None,
         )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        ca, key, chain = self.pem()
+        return grpc.ssl_channel_credentials(ca, key, chain)
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,8 @@ class ClientConfig:
 
 
 def _unavailable(e: BaseException) -> bool:
+    if isinstance(e, CoordinatorTlsError):
+        return False
     if isinstance(e, CoordinatorError):
         return e.code == grpc.StatusCode.UNAVAILABLE
     return isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.UNAVAILABLE
@@ -118,6 +137,75 @@ def _error(method: str, e: grpc.RpcError) -> CoordinatorError:
     code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = e.details() if isinstance(e, grpc.Call) else str(e)
     return CoordinatorError(method, code, details or "")
+
+
+class CoordinatorTlsError(CoordinatorError):
+    """Tenant and coordinator disagree about TLS: a configuration error, never retried."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        PemaError.__init__(self, f"coordinator {address}: {reason}")
+        self.code = grpc.StatusCode.UNAVAILABLE
+        self.details = reason
+
+
+def _probe_tls(address: str, tls: TlsOptions | None) -> str:
+    """Ask the server directly what gRPC only reports as "Socket closed": "tls" (it completed a
+    TLS handshake and took this client), "refused" (TLS, but it refused this client's
+    certificate or the lack of one) or "other" (no TLS, or not reachable)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # Only the protocol is in question here; gRPC verifies the certificate on the real channel.
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        if tls is not None and tls.cert and tls.key:
+            ctx.load_cert_chain(tls.cert, tls.key)
+        with (
+            socket.create_connection((host, int(port)), timeout=3) as raw,
+            ctx.wrap_socket(raw, server_hostname=host) as s,
+        ):
+            # TLS 1.3 sends the verdict on a client certificate after the handshake: a gRPC
+            # server that accepts us sends its HTTP/2 settings, one that refuses an alert.
+            s.settimeout(3)
+            try:
+                return "tls" if s.recv(1) else "refused"
+            except ssl.SSLError:
+                return "refused"
+            except TimeoutError:
+                return "tls"
+    except (OSError, ValueError):  # ssl.SSLError included: the server does not speak TLS
+        return "other"
+
+
+def tls_diagnosis(address: str, tls: TlsOptions | None, details: str) -> str | None:
+    """The TLS misconfiguration behind a failed connection, in words; None when the failure is
+    not about TLS (an unreachable or restarting server is retried as usual)."""
+    d = details.lower()
+    if "wrong_version_number" in d:
+        return (
+            "the server does not use TLS: drop --tls-ca/--tls-cert/--tls-key, or turn TLS on at "
+            "the coordinator"
+        )
+    if tls is not None and ("handshake failed" in d or "hostname verification" in d):
+        reason = re.search(r"OPENSSL_internal:([A-Z_]+)", details)
+        why = reason.group(1) if reason else "its name does not match " + address
+        return (
+            f"certificate not trusted: the server's certificate does not verify against "
+            f"{tls.ca or 'the system CAs'} ({why})"
+        )
+    if "socket closed" in d or "connection reset" in d:
+        verdict = _probe_tls(address, tls)
+        if tls is None and verdict in ("tls", "refused"):
+            return "the server requires TLS: pass --tls-ca with the CA that signed its certificate"
+        if tls is not None and verdict == "refused":
+            what = "its CA did not sign this one" if tls.cert else "none was given"
+            return (
+                f"the server requires a client certificate (mutual TLS) and {what}: "
+                "pass --tls-cert and --tls-key"
+            )
+    return None
 
 
 class CoordinatorClient:
@@ -173,9 +261,21 @@ class CoordinatorClient:
 
     def _retry(self, method: str, fn: Callable[[], T]) -> T:
         try:
-            return self.retrying(method)(fn)
+            return self.retrying(method)(lambda: self._tls_checked(method, fn))
         except grpc.RpcError as e:
             raise _error(method, e) from None
+
+    def _tls_checked(self, method: str, fn: Callable[[], T]) -> T:
+        """A TLS mismatch looks like UNAVAILABLE to gRPC: name it and never retry it."""
+        try:
+            return fn()
+        except grpc.RpcError as e:
+            err = _error(method, e)
+            if err.code == grpc.StatusCode.UNAVAILABLE:
+                tls = tls_diagnosis(self.config.address, self.config.tls, err.details)
+                if tls is not None:
+                    raise CoordinatorTlsError(self.config.address, tls) from None
+            raise
 
     def _stream(self, method: str, start: Callable[[], Iterator[T]]) -> Iterator[T]:
         """Iterate a server stream, retrying on UNAVAILABLE only before its first message."""

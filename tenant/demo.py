@@ -161,44 +161,58 @@ def start_coordinator(
     return f"127.0.0.1:{port}", url
 
 
+@dataclass(frozen=True)
+class Monitoring:
+    """A local Prometheus and one metrics exporter per tenant (as each tenant pod runs one)."""
+
+    prometheus: str  # its base URL
+    files: dict[str, Path]  # tenant -> the metrics-file its node config names
+    exporters: dict[str, str]  # tenant -> host:port of its /metrics
+
+
 def start_metrics(
-    procs: Processes, workdir: Path, also_scrape: list[str] | None = None
-) -> tuple[str, str] | None:
-    """A Pushgateway and a Prometheus scraping it and `also_scrape` (host:port of /metrics
-    endpoints, e.g. the coordinator); nothing if they are not installed. Returns (gateway
-    address, Prometheus URL)."""
-    if not (shutil.which("prometheus") and shutil.which("prometheus-pushgateway")):
+    procs: Processes, workdir: Path, also_scrape: list[str], tenants: list[str]
+) -> Monitoring | None:
+    """Prometheus scraping `also_scrape` (host:port of /metrics endpoints, e.g. the coordinator)
+    and a `python -m tenant.metrics` exporter per tenant, each target labelled with its tenant as
+    deploy/prometheus/prometheus.yml labels a tenant pod; nothing if Prometheus is not installed."""
+    if shutil.which("prometheus") is None:
         return None
-    gw, prom = free_port(), free_port()
-    config = workdir / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        "  - job_name: pushgateway\n"
-        "    honor_labels: true\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{gw}']}}]\n"
-        "  - job_name: pema-coordinator\n"
-        f"    static_configs: [{{targets: {json.dumps(also_scrape or [])}}}]\n"
-    )
-    # Debian's build persists to /var/lib/prometheus by default, which would carry metrics of
-    # earlier runs (and other tests) into this one: keep this gateway's state in its run folder.
-    procs.start(
-        "pushgateway",
-        [
-            "prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{gw}",
-            f"--persistence.file={workdir / 'pushgateway.data'}",
+    files = {t: workdir / "metrics" / f"{t}.json" for t in tenants}
+    exporters = {t: f"127.0.0.1:{free_port()}" for t in tenants}
+    for t, address in exporters.items():
+        procs.start(
+            f"metrics-{t}",
+            [
+                sys.executable, "-m", "tenant.metrics", "--state", str(files[t]),
+                "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+            ],
+        )  # fmt: skip
+    prom = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "pema-tenant",
+                "static_configs": [
+                    {"targets": [a], "labels": {"tenant": t}} for t, a in exporters.items()
+                ],
+            },
+            {"job_name": "pema-coordinator", "static_configs": [{"targets": also_scrape}]},
         ],
-    )  # fmt: skip
+    }
+    (workdir / "prometheus.yml").write_text(json.dumps(config, indent=1))  # JSON is YAML
     procs.start(
         "prometheus",
         [
-            "prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom}",
+            "prometheus", f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom}",
         ],
     )  # fmt: skip
-    wait_for(lambda: http_ok(f"http://127.0.0.1:{gw}/-/ready"), "the Pushgateway")
+    for t, address in exporters.items():
+        wait_for(lambda a=address: http_ok(f"http://{a}/metrics"), f"the metrics exporter of {t}")  # type: ignore[misc]
     wait_for(lambda: http_ok(f"http://127.0.0.1:{prom}/-/ready"), "Prometheus")
-    return f"127.0.0.1:{gw}", f"http://127.0.0.1:{prom}"
+    return Monitoring(f"http://127.0.0.1:{prom}", files, exporters)
 
 
 @dataclass
@@ -445,7 +459,7 @@ def read_samples(path: Path) -> dict[int, dict[str, Any]]:
 
 
 def report(
-    rows: list[dict[str, Any]], table: Path, workdir: Path, metrics: tuple[str, str] | None
+    rows: list[dict[str, Any]], table: Path, workdir: Path, metrics: Monitoring | None
 ) -> None:
     print("\nPer-round table (" + str(table) + "):\n")
     print(table.read_text())
@@ -468,8 +482,9 @@ def report(
         print(f"    PEMA:      {sn.get('output', '')}")
         print(f"    reference: {sn.get('reference', '')}\n")
     if metrics:
-        gw, prom = metrics
-        print(f"Metrics: Pushgateway http://{gw}/metrics, scraped by Prometheus at {prom}")
+        prom = metrics.prometheus
+        exporters = ", ".join(f"{t} http://{a}/metrics" for t, a in metrics.exporters.items())
+        print(f"Metrics: tenant exporters {exporters}, scraped by Prometheus at {prom}")
         print("(both stop with the demo; the table above and its .jsonl copy stay). PromQL now:")
         for query in (
             "pema_tenant_train_peak_memory_bytes / 2^20",
@@ -482,7 +497,7 @@ def report(
             )
             print(f"  {query}: {values or '(not scraped yet)'}")
     else:
-        print("Metrics: prometheus/prometheus-pushgateway not installed (make metrics-deps).")
+        print("Metrics: prometheus not installed (make metrics-deps).")
 
 
 def promql(base: str, query: str) -> list[dict[str, Any]]:
@@ -549,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         # Tenants mostly wait on the coordinator's forward passes: it gets both cores.
         address, coord_metrics = start_coordinator(procs, None, tokens, workdir, threads=2)
         print(f"coordinator on {address} (metrics {coord_metrics})", flush=True)
-        metrics = start_metrics(procs, workdir, [coord_metrics.split("/")[2]])
+        metrics = start_metrics(
+            procs, workdir, [coord_metrics.split("/")[2]], [t.id for t in TENANTS]
+        )
         cache = REDIS_URL if redis_up() else ""
         print(f"memory cache: {'Redis ' + cache if cache else 'on disk (Redis is not up)'}")
         fed = Federation(procs, workdir)
@@ -567,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                 "redis-url": cache,
                 "aggregation-group": t.group,
                 "memory-mode": args.memory_mode,
-                "pushgateway": metrics[0] if metrics else "",
+                "metrics-file": metrics.files[t.id] if metrics else "",
             }
             fed.add_node(t.id, node)
         print(f"SuperLink on 127.0.0.1:{fed.port}, {len(TENANTS)} SuperNodes; running "

@@ -42,6 +42,7 @@ from pema.prompts import DEFAULT_TEMPLATE, PromptFormat
 from pema.training import TrainConfig, TrainEvent, evaluate_memory
 from tenant.backend import Backend, coordinator_backend, local_backend
 from tenant.cli import BEST as _BEST
+from tenant.coordinator_client import TlsOptions
 from tenant.federation import (
     ARRAYS,
     CONFIG,
@@ -55,7 +56,7 @@ from tenant.federation import (
 )
 from tenant.jobs import evaluate_job, obtain_memory, train_job
 from tenant.memory_store import ShardedMemoryStore, check_tenant_id
-from tenant.metrics import PeakRss, RoundFigures, push_quality, push_round
+from tenant.metrics import PeakRss, RoundFigures, record_quality, record_round
 from tenant.redis_store import open_memory_store
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,9 @@ class NodeConfig(BaseModel):
     cache_fallback: Literal["disk", "fail"] = Field("disk", alias="cache-fallback")
     cache_dir: Path | None = Field(None, alias="cache-dir")
     group: str = Field("", alias="aggregation-group")  # opt-in; empty keeps the adapter private
-    pushgateway: str = ""
+    # Round figures for this tenant's metrics exporter (tenant.metrics); default: next to the
+    # adapter folder, where the cache counters have always been kept.
+    metrics_file: Path | None = Field(None, alias="metrics-file")
     threads: int = Field(1, ge=1)
     # Tenants share the coordinator's CPU: smaller Encode requests interleave across tenants, and
     # a request may wait behind others' for a while on a small machine.
@@ -100,6 +103,19 @@ class NodeConfig(BaseModel):
     # Where evaluate writes its sample generations (JSON Lines, on the tenant only); default
     # `<adapter-dir>.samples.jsonl`.
     sample_log: Path | None = Field(None, alias="sample-log")
+    # TLS to the coordinator (CA; client cert + key for mutual TLS) and to Redis (rediss://).
+    coordinator_tls_ca: Path | None = Field(None, alias="coordinator-tls-ca")
+    coordinator_tls_cert: Path | None = Field(None, alias="coordinator-tls-cert")
+    coordinator_tls_key: Path | None = Field(None, alias="coordinator-tls-key")
+    redis_tls_ca: Path | None = Field(None, alias="redis-tls-ca")
+
+    def metrics_path(self) -> Path:
+        return self.metrics_file or self.adapter_dir.parent / f".{self.tenant_id}.metrics.json"
+
+    def coordinator_tls(self) -> TlsOptions | None:
+        return TlsOptions.named(
+            self.coordinator_tls_ca, self.coordinator_tls_cert, self.coordinator_tls_key
+        )
 
     @field_validator("tenant_id")
     @classmethod
@@ -159,6 +175,7 @@ def make_backend(node: NodeConfig) -> Backend:
         return coordinator_backend(
             node.coordinator,
             node.token,
+            node.coordinator_tls(),
             timeout=node.coordinator_timeout,
             max_request_tokens=node.encode_request_tokens,
         )
@@ -169,8 +186,9 @@ def _store(node: NodeConfig, run: RunSettings) -> ShardedMemoryStore:
     root = node.cache_dir or cache_dir() / "memories"
     c = run.config
     return open_memory_store(
-        node.redis_url or None, root, node.cache_fallback, c.redis_ttl or None, c.shard_pairs
-    )
+        node.redis_url or None, root, node.cache_fallback, c.redis_ttl or None, c.shard_pairs,
+        node.redis_tls_ca,
+    )  # fmt: skip
 
 
 def adapter_config(template: str, memory_mode: str = "teacher-forced") -> AdapterConfig:
@@ -291,14 +309,11 @@ def train(msg: Message, context: Context) -> Message:
         "steps": sum(p.steps for p in outcome.report.phases.values()),
         "round-seconds": time.perf_counter() - started,
     }
-    if node.pushgateway:
-        figures = RoundFigures(
-            node.tenant_id, rss.peak, float(metrics["step-seconds"]), float(metrics["round-seconds"]),
-            float(s["memory_build_seconds"]), cache_hit, float(valid["loss"]),
-        )  # fmt: skip
-        push_round(
-            node.pushgateway, figures, node.adapter_dir.parent / f".{node.tenant_id}.metrics.json"
-        )
+    figures = RoundFigures(
+        rss.peak, float(metrics["step-seconds"]), float(metrics["round-seconds"]),
+        float(s["memory_build_seconds"]), cache_hit, float(valid["loss"]),
+    )  # fmt: skip
+    record_round(node.metrics_path(), figures)
     info = {"group": node.group, "started-from": origin, "memory-mode": node.memory_mode}
     # Only here does the adapter leave the tenant: the group's average needs it.
     arrays = ArrayRecord(outcome.adapter.state_dict()) if shared else None
@@ -356,7 +371,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     node.samples_path.parent.mkdir(parents=True, exist_ok=True)
     with node.samples_path.open("a") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    if node.pushgateway:
-        push_quality(node.pushgateway, node.tenant_id, result["bleu"], result["chrf"])
+    record_quality(node.metrics_path(), result["bleu"], result["chrf"])
     metrics["seconds"] = time.perf_counter() - started
     return _reply(msg, "evaluate", metrics, {"group": node.group})

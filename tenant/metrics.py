@@ -1,26 +1,41 @@
-"""Per-tenant training metrics for Prometheus, pushed to a Pushgateway.
+"""Per-tenant training metrics for Prometheus: recorded by the ClientApp, scraped from the pod.
 
-ClientApp processes live for one message, far shorter than a scrape interval, so they push their
-figures to a Pushgateway (grouping key `job="pema-tenant", tenant=…`) that Prometheus scrapes.
-Values are last-round gauges; the cache counters are kept in a small state file next to the
-tenant's adapter so that the `_total` series keep counting across processes.
+ClientApp processes live for one message, but the SuperNode that starts them lives as long as the
+tenant. Each ClientApp records its round's figures in a small JSON file on the tenant's own volume
+(`record_round`, `record_quality`); a long-lived exporter next to the SuperNode serves that file
+as /metrics (`python -m tenant.metrics --state FILE`) and Prometheus scrapes it. This is
+Prometheus's pattern for batch work tied to one long-lived instance (node_exporter's textfile
+collector), and it keeps every tenant's figures on its own target: Prometheus attaches the
+`tenant` label from the target (the pod), so no tenant can write another's series, and `up` says
+whether each tenant is there. A Pushgateway would be writable by every tenant and never forgets.
+
+The exposed series carry no `tenant` label; the scrape configuration adds it. Counters (cache
+hits and misses) are kept in the same file, so the `_total` series keep counting across processes.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import logging
 import os
+import sys
 import threading
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, pushadd_to_gateway
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-JOB = "pema-tenant"
+JOB = "pema-tenant"  # the scrape job
+DEFAULT_PORT = 9102
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -67,7 +82,6 @@ class PeakRss:
 
 @dataclass
 class RoundFigures:
-    tenant: str
     peak_memory_bytes: int
     step_seconds: float
     round_seconds: float
@@ -76,71 +90,132 @@ class RoundFigures:
     loss: float
 
 
-def _bump_counters(state_file: Path, hit: bool) -> dict[str, int]:
-    """Persisted hit/miss totals: each ClientApp process starts from zero otherwise."""
-    try:
-        totals = json.loads(state_file.read_text())
-    except (OSError, ValueError):
-        totals = {}
-    totals = {k: int(totals.get(k, 0)) for k in ("hits", "misses")}
-    totals["hits" if hit else "misses"] += 1
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = state_file.with_name(state_file.name + ".tmp")
-    tmp.write_text(json.dumps(totals))
-    os.replace(tmp, state_file)
-    return totals
-
-
-def push_round(gateway: str, figures: RoundFigures, state_file: Path) -> None:
-    """Push one round's training figures; a gateway that is down costs a warning, not the round."""
-    totals = _bump_counters(state_file, figures.cache_hit)
-    reg = CollectorRegistry()
-    labels = ["tenant"]
-
-    def gauge(name: str, doc: str, value: float) -> None:
-        Gauge(name, doc, labels, registry=reg).labels(figures.tenant).set(value)
-
-    gauge(
-        "pema_tenant_train_peak_memory_bytes",
+# name: (help, kind); kind "gauge" or "counter" (served as name_total)
+SERIES: dict[str, tuple[str, str]] = {
+    "pema_tenant_train_peak_memory_bytes": (
         "Peak resident memory of the tenant process while it obtained its memories and trained",
-        figures.peak_memory_bytes,
-    )
-    gauge(
-        "pema_tenant_train_step_seconds",
+        "gauge",
+    ),
+    "pema_tenant_train_step_seconds": (
         "Mean seconds per optimizer step in the last round",
-        figures.step_seconds,
-    )
-    gauge(
-        "pema_tenant_round_seconds",
+        "gauge",
+    ),
+    "pema_tenant_round_seconds": (
         "Wall seconds of the last train round on the tenant (memory + training + saving)",
-        figures.round_seconds,
-    )
-    gauge(
-        "pema_tenant_memory_build_seconds",
+        "gauge",
+    ),
+    "pema_tenant_memory_build_seconds": (
         "Seconds to obtain the memories in the last round (build, or load from cache)",
-        figures.memory_build_seconds,
+        "gauge",
+    ),
+    "pema_tenant_loss": ("Validation loss after the last round", "gauge"),
+    "pema_tenant_last_round_timestamp_seconds": (
+        "Unix time at which the tenant last finished a train round",
+        "gauge",
+    ),
+    "pema_tenant_bleu": ("BLEU on the evaluation sample", "gauge"),
+    "pema_tenant_chrf": ("chrF on the evaluation sample", "gauge"),
+    "pema_tenant_cache_hits": ("Train rounds whose memory was a cache hit", "counter"),
+    "pema_tenant_cache_misses": ("Train rounds whose memory was a cache miss", "counter"),
+}
+
+
+def read_state(state_file: Path) -> dict[str, float]:
+    """The recorded figures; an absent or damaged file is an empty record (nothing to serve)."""
+    try:
+        data = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: float(v) for k, v in data.items() if k in SERIES and isinstance(v, int | float)}
+
+
+def _update(state_file: Path, changes: dict[str, float], bump: str | None = None) -> None:
+    """Merge figures into the file atomically (a reader never sees half of it)."""
+    state = read_state(state_file) | changes
+    if bump is not None:
+        state[bump] = state.get(bump, 0.0) + 1
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_file.with_name(f".{state_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, sort_keys=True))
+    os.replace(tmp, state_file)
+
+
+def record_round(state_file: Path, figures: RoundFigures) -> None:
+    """One train round's figures; a file that cannot be written costs a warning, not the round."""
+    try:
+        _update(
+            state_file,
+            {
+                "pema_tenant_train_peak_memory_bytes": figures.peak_memory_bytes,
+                "pema_tenant_train_step_seconds": figures.step_seconds,
+                "pema_tenant_round_seconds": figures.round_seconds,
+                "pema_tenant_memory_build_seconds": figures.memory_build_seconds,
+                "pema_tenant_loss": figures.loss,
+                "pema_tenant_last_round_timestamp_seconds": time.time(),
+            },
+            bump="pema_tenant_cache_hits" if figures.cache_hit else "pema_tenant_cache_misses",
+        )
+    except OSError as e:
+        log.warning("could not record metrics in %s: %s", state_file, e)
+
+
+def record_quality(state_file: Path, bleu: float, chrf: float) -> None:
+    try:
+        _update(state_file, {"pema_tenant_bleu": bleu, "pema_tenant_chrf": chrf})
+    except OSError as e:
+        log.warning("could not record metrics in %s: %s", state_file, e)
+
+
+class StateCollector(Collector):
+    """Serves the state file as it is at each scrape."""
+
+    def __init__(self, state_file: Path) -> None:
+        self.state_file = state_file
+
+    def collect(self) -> Iterator[Metric]:
+        state = read_state(self.state_file)
+        for name, (doc, kind) in SERIES.items():
+            if kind == "counter":
+                yield CounterMetricFamily(name, doc, value=state.get(name, 0.0))
+            elif name in state:
+                yield GaugeMetricFamily(name, doc, value=state[name])
+
+
+def registry(state_file: Path) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(StateCollector(state_file))
+    return reg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tenant.metrics",
+        description="Serve a tenant's recorded round figures as Prometheus /metrics "
+        "(runs next to the SuperNode, as long as it).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    gauge("pema_tenant_loss", "Validation loss after the last round", figures.loss)
-    for kind, doc in (("hits", "hit"), ("misses", "miss")):
-        Counter(
-            f"pema_tenant_cache_{kind}", f"Train rounds whose memory was a cache {doc}", labels,
-            registry=reg,
-        ).labels(figures.tenant).inc(totals[kind])  # fmt: skip
+    p.add_argument(
+        "--state", type=Path, required=True, help="the file the node config's metrics-file names"
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port of /metrics")
+    a = p.parse_args(argv)
+    if not 0 <= a.port < 65536:
+        print(f"tenant.metrics: error: port {a.port} out of range", file=sys.stderr)
+        return 2
     try:
-        pushadd_to_gateway(gateway, job=JOB, grouping_key={"tenant": figures.tenant}, registry=reg)
+        server, thread = start_http_server(a.port, a.host, registry(a.state))
     except OSError as e:
-        log.warning("could not push metrics to the Pushgateway at %s: %s", gateway, e)
+        print(f"tenant.metrics: error: cannot listen on {a.host}:{a.port}: {e}", file=sys.stderr)
+        return 2
+    # Printed for scripts and tests that start it on port 0.
+    print(f"tenant.metrics: serving {a.state} on port {server.server_port}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):  # SIGTERM's default action ends it too
+        thread.join()
+    return 0
 
 
-def push_quality(gateway: str, tenant: str, bleu: float, chrf: float) -> None:
-    reg = CollectorRegistry()
-    Gauge("pema_tenant_bleu", "BLEU on the evaluation sample", ["tenant"], registry=reg).labels(
-        tenant
-    ).set(bleu)
-    Gauge("pema_tenant_chrf", "chrF on the evaluation sample", ["tenant"], registry=reg).labels(
-        tenant
-    ).set(chrf)
-    try:
-        pushadd_to_gateway(gateway, job=JOB, grouping_key={"tenant": tenant}, registry=reg)
-    except OSError as e:
-        log.warning("could not push metrics to the Pushgateway at %s: %s", gateway, e)
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.exceptions import NoPermissionError, RedisError
 
+from proto.tls import read_pem
 from tenant.memory_store import (
     DEFAULT_SHARD_PAIRS,
     CacheError,
@@ -69,10 +71,28 @@ class RedisMemoryStore(ShardedMemoryStore):
 
     @classmethod
     def connect(
-        cls, url: str, ttl_seconds: int | None = None, shard_pairs: int = DEFAULT_SHARD_PAIRS
+        cls,
+        url: str,
+        ttl_seconds: int | None = None,
+        shard_pairs: int = DEFAULT_SHARD_PAIRS,
+        tls_ca: Path | None = None,
     ) -> RedisMemoryStore:
-        """Connect and check the server answers; raises CacheError with the reason if not."""
-        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=60)
+        """Connect and check the server answers; raises CacheError with the reason if not.
+
+        A `rediss://` URL speaks TLS and verifies the server's certificate (hostname included)
+        against `tls_ca`, else the system's CAs."""
+        options: dict[str, Any] = {}
+        if tls_ca is not None:
+            if not url.startswith("rediss://"):
+                raise CacheError(f"a Redis TLS CA needs a rediss:// URL, got {_safe(url)}")
+            read_pem(tls_ca, "Redis CA certificate")  # a wrong path: one line, now
+            options["ssl_ca_certs"] = str(tls_ca)
+        try:
+            client = redis.Redis.from_url(
+                url, socket_connect_timeout=3, socket_timeout=60, **options
+            )
+        except ValueError as e:
+            raise CacheError(f"Redis URL {_safe(url)}: {e}") from None
         try:
             client.ping()
         except RedisError as e:
@@ -167,6 +187,7 @@ def open_memory_store(
     fallback: str = "disk",
     ttl_seconds: int | None = None,
     shard_pairs: int = DEFAULT_SHARD_PAIRS,
+    redis_tls_ca: Path | None = None,
 ) -> ShardedMemoryStore:
     """Redis when a URL is given and it answers; otherwise the on-disk cache, or (with fallback
     "fail") a CacheError naming the unreachable server."""
@@ -174,7 +195,7 @@ def open_memory_store(
         raise CacheError(f"cache fallback must be one of {FALLBACKS}, got {fallback!r}")
     if redis_url:
         try:
-            return RedisMemoryStore.connect(redis_url, ttl_seconds, shard_pairs)
+            return RedisMemoryStore.connect(redis_url, ttl_seconds, shard_pairs, redis_tls_ca)
         except CacheError as e:
             if fallback == "fail":
                 raise

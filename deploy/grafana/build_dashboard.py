@@ -112,13 +112,13 @@ def dashboard() -> dict[str, Any]:
         ),
         panel(
             "Last report (age)",
-            [(f'time() - push_time_seconds{{job="pema-tenant", {T}}}', "{{tenant}}")],
+            [(f"time() - pema_tenant_last_round_timestamp_seconds{{{T}}}", "{{tenant}}")],
             "s",
             0,
             17,
             w=24,
             h=6,
-            description="Seconds since each tenant last pushed (train or evaluate); "
+            description="Seconds since each tenant last finished a train round; "
             "PemaTenantMissingFromRounds fires at 3 h while others still report.",
         ),
         row("Serving (the coordinator, per tenant)", 23),
@@ -228,7 +228,7 @@ def dashboard() -> dict[str, Any]:
         ),
         panel(
             "Scrape targets up",
-            [('up{job=~"pema-coordinator|pema-pushgateway"}', "{{job}} {{instance}}")],
+            [('up{job=~"pema-coordinator|pema-tenant"}', "{{job}} {{instance}}")],
             "short",
             0,
             48,

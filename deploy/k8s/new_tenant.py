@@ -47,7 +47,14 @@ def acl_line(tenant: str, password: str) -> str:
     return f"user pema-{tenant} " + " ".join(rules)
 
 
-def node_config(tenant: str, group: str, test: bool) -> str:
+# The ClientApp records round figures here; the pod's metrics container serves them.
+METRICS_FILE = "/var/lib/pema/metrics.json"
+# Where tenant pods mount the CA (Secret pema-tls-ca, key ca.crt) that signed the coordinator's
+# and Redis's certificates, under TLS (every overlay but dev).
+TLS_CA = "/etc/pema-tls/ca.crt"
+
+
+def node_config(tenant: str, group: str, test: bool, tls: bool = False) -> str:
     """The node config without secrets (the token and Redis URL are added from the Secret)."""
     items = {
         "tenant-id": tenant,
@@ -56,11 +63,13 @@ def node_config(tenant: str, group: str, test: bool) -> str:
         "valid": "/data/valid.tsv",
         "adapter-dir": "/var/lib/pema/adapters",
         "cache-dir": "/var/lib/pema/cache",
-        "pushgateway": "pushgateway:9091",
+        "metrics-file": METRICS_FILE,
         "aggregation-group": group,
     }
     if test:
         items["test"] = "/data/test.tsv"
+    if tls:
+        items["coordinator-tls-ca"] = items["redis-tls-ca"] = TLS_CA
     text = " ".join(f'{k}="{v}"' for k, v in items.items())
     return text + " threads=2\n"
 
@@ -77,7 +86,7 @@ metadata:
     app.kubernetes.io/component: tenant
     pema.io/tenant: {tenant}
 spec:
-  serviceName: tenant-{tenant}
+  serviceName: pema-tenants  # deploy/k8s/base/tenants.yaml: gives the pod its scraped DNS name
   replicas: 1
   selector:
     matchLabels: *labels
@@ -107,7 +116,7 @@ spec:
               --auth-supernode-private-key=/etc/flwr-auth/supernode.key
               --host=127.0.0.1 --port=9094 --health-server-address=0.0.0.0:8081
               --node-config="$(cat /etc/pema/node-config) token=\\"$PEMA_TOKEN\\"
-              redis-url=\\"redis://pema-{tenant}:$REDIS_PASSWORD@redis:6379/0\\""
+              redis-url=\\"{redis_scheme}://pema-{tenant}:$REDIS_PASSWORD@redis:6379/0\\""
           env:
             - {{name: FLWR_TELEMETRY_ENABLED, value: "0"}}
             - {{name: FLWR_HOME, value: /var/lib/flwr}}
@@ -145,9 +154,37 @@ spec:
             - {{name: state, mountPath: /var/lib/pema}}
             - {{name: flwr, mountPath: /var/lib/flwr}}
             - {{name: tmp, mountPath: /tmp}}
-            - {{name: home, mountPath: /home/pema}}
+            - {{name: home, mountPath: /home/pema}}{tls_mount}
             - {{name: flwr-tls, mountPath: /etc/flwr-tls, readOnly: true}}
             - {{name: flwr-auth, mountPath: /etc/flwr-auth, readOnly: true}}
+        # Serves the figures the ClientApps record (tenant.metrics) to Prometheus, which adds the
+        # tenant label from this pod's name: the tenant cannot report under another's name.
+        - name: metrics
+          image: pema-service
+          command: ["python", "-m", "tenant.metrics", "--state={metrics_file}", "--port=9102"]
+          env:
+            - {{name: FLWR_TELEMETRY_ENABLED, value: "0"}}
+          ports:
+            - {{name: metrics, containerPort: 9102, protocol: TCP}}
+          readinessProbe:
+            httpGet: {{path: /metrics, port: metrics}}
+            periodSeconds: 30
+          livenessProbe:
+            httpGet: {{path: /metrics, port: metrics}}
+            periodSeconds: 60
+            timeoutSeconds: 5
+          resources:
+            requests: {{cpu: 10m, memory: 48Mi}}
+            limits: {{cpu: 200m, memory: 96Mi}}
+          securityContext:
+            runAsNonRoot: true
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities:
+              drop: ["ALL"]
+          volumeMounts:
+            - {{name: state, mountPath: /var/lib/pema, readOnly: true}}
+            - {{name: tmp, mountPath: /tmp}}
       volumes:
         # The CA that signed the SuperLink's certificate (the ca.crt of Secret superlink-tls).
         - name: flwr-tls
@@ -162,7 +199,7 @@ spec:
             defaultMode: 0400
         - name: node-config
           configMap:
-            name: tenant-{tenant}
+            name: tenant-{tenant}{tls_volume}
         - name: flwr
           emptyDir: {{sizeLimit: 1Gi}}
         - name: tmp
@@ -186,21 +223,14 @@ spec:
         resources:
           requests:
             storage: {state_size}
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: tenant-{tenant}
-  labels:
-    app.kubernetes.io/name: pema
-    app.kubernetes.io/component: tenant
-    pema.io/tenant: {tenant}
-spec:
-  clusterIP: None  # the StatefulSet's governing Service; nothing connects to a tenant
-  selector:
-    app.kubernetes.io/component: tenant
-    pema.io/tenant: {tenant}
 """
+
+TLS_MOUNT = """
+            - {name: tls-ca, mountPath: /etc/pema-tls, readOnly: true}"""
+TLS_VOLUME = """
+        - name: tls-ca
+          secret:
+            secretName: pema-tls-ca  # ca.crt only: the CA of the coordinator's and Redis's certs"""
 
 KUSTOMIZATION = """\
 # Tenant {tenant} (generated by deploy/k8s/new_tenant.py).
@@ -261,7 +291,12 @@ def write_tenant(
     cpu_limit: str = "2",
     data_size: str = "1Gi",
     state_size: str = "5Gi",
+    tls: bool | None = None,
 ) -> Path:
+    """Write the tenant's component; `tls` None: TLS to the coordinator and Redis in every
+    overlay but one named dev (which runs plaintext, deploy/README.md)."""
+    if tls is None:
+        tls = overlay_dir.resolve().name != "dev"
     if not K8S_TENANT_ID.match(tenant):
         raise SystemExit(f"tenant id {tenant!r} must match {K8S_TENANT_ID.pattern}")
     out = overlay_dir / "tenants" / tenant
@@ -279,7 +314,7 @@ def write_tenant(
     (out / "tenant.json").write_text(json.dumps(entry, indent=2) + "\n")
     (out / "redis.acl").write_text(acl_line(tenant, redis_password) + "\n")
     if not exists:
-        (out / "node-config").write_text(node_config(tenant, group, test))
+        (out / "node-config").write_text(node_config(tenant, group, test, tls))
         sizes = {
             "memory_request": memory_request,
             "memory_limit": memory_limit,
@@ -287,6 +322,10 @@ def write_tenant(
             "cpu_limit": cpu_limit,
             "data_size": data_size,
             "state_size": state_size,
+            "redis_scheme": "rediss" if tls else "redis",
+            "metrics_file": METRICS_FILE,
+            "tls_mount": TLS_MOUNT if tls else "",
+            "tls_volume": TLS_VOLUME if tls else "",
         }
         (out / "statefulset.yaml").write_text(STATEFULSET.format(tenant=tenant, **sizes))
         (out / "federation.json").write_text(json.dumps({"group": group}) + "\n")
@@ -312,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-limit", default="2")
     p.add_argument("--data-size", default="1Gi")
     p.add_argument("--state-size", default="5Gi")
+    p.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TLS to the coordinator and Redis (default: on, except in the dev overlay)",
+    )
     a = p.parse_args(argv)
     overlay = Path(a.overlay)
     overlay_dir = overlay if overlay.is_dir() else HERE / "overlays" / a.overlay
@@ -329,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_limit=a.cpu_limit,
         data_size=a.data_size,
         state_size=a.state_size,
+        tls=a.tls,
     )
     print(f"wrote {out}")
     print(

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,7 +29,6 @@ OUR_IMAGE = "registry.example.com/pema/pema-service:"
 # Metrics the rules and dashboard may use that PEMA's code does not export, and who does.
 EXTERNAL_METRICS = {
     "up": "Prometheus, per scrape target",
-    "push_time_seconds": "the Pushgateway, per pushed group",
     "kube_pod_container_resource_limits": "kube-state-metrics",
 }
 
@@ -100,7 +100,7 @@ def test_overlays_render_what_the_federation_needs(rendered: dict[str, list[Obj]
         for needed in [
             ("Deployment", "coordinator"),
             ("Deployment", "superlink"),
-            ("Deployment", "pushgateway"),
+            ("Service", "pema-tenants"),
             ("StatefulSet", "redis"),
             ("PodDisruptionBudget", "coordinator"),
             ("NetworkPolicy", "default-deny"),
@@ -170,8 +170,11 @@ def test_coordinator(rendered: dict[str, list[Obj]]) -> None:
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert flag(c["command"], "--port") == str(ports["grpc"]) == "50051"
         assert flag(c["command"], "--metrics-port") == str(ports["metrics"]) == "9100"
+        # Native gRPC probes on grpc.health.v1, on the plaintext health-only port (the kubelet
+        # cannot speak TLS to 50051).
+        assert flag(c["command"], "--health-port") == str(ports["health"]) != "50051"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == 50051, probe  # native gRPC on grpc.health.v1
+            assert c[probe]["grpc"]["port"] == ports["health"], probe
         grace = float(flag(c["command"], "--grace-seconds") or 30)
         assert spec["terminationGracePeriodSeconds"] > grace
         model = flag(c["command"], "--model")
@@ -237,7 +240,9 @@ def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
             where = f"{overlay} tenant {tenant}"
             assert sts["metadata"]["name"] == f"tenant-{tenant}"
             spec = pod_spec(sts)
-            (c,) = spec["containers"]
+            assert sts["spec"]["serviceName"] == "pema-tenants", where  # its scraped DNS name
+            containers = {c["name"]: c for c in spec["containers"]}
+            c = containers["supernode"]
             script = c["command"][-1]
             assert "flower-supernode" in script and "--superlink=superlink:9092" in script
             # TLS with the SuperLink's CA, and this tenant's own registered SuperNode key.
@@ -253,8 +258,18 @@ def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
             assert set(pairs) <= known, (where, set(pairs) - known)
             assert pairs["tenant-id"] == tenant
             assert pairs["coordinator"] == "coordinator:50051"
-            assert pairs["pushgateway"] == "pushgateway:9091"
-            assert f"redis://pema-{tenant}:$REDIS_PASSWORD@redis:6379/0" in script
+            # The metrics container serves the file the ClientApps record, read-only.
+            exporter = containers["metrics"]
+            assert flag(exporter["command"], "--state") == pairs["metrics-file"]
+            assert flag(exporter["command"], "--port") == str(exporter["ports"][0]["containerPort"])
+            (state_mount,) = [
+                m
+                for m in exporter["volumeMounts"]
+                if pairs["metrics-file"].startswith(m["mountPath"])
+            ]
+            assert state_mount["name"] == "state" and state_mount["readOnly"] is True
+            scheme = "rediss" if overlay.startswith("prod") else "redis"
+            assert f"{scheme}://pema-{tenant}:$REDIS_PASSWORD@redis:6379/0" in script
             refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
             assert refs == {f"tenant-{tenant}-credentials"}, where
             # The adapter folder is on the tenant's own PersistentVolumeClaim.
@@ -270,6 +285,64 @@ def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
             acl = b64(secrets["redis-acl"]["data"][f"{tenant}.acl"])
             assert acl.startswith(f"user pema-{tenant} on #") and f"~pema:{tenant}:*" in acl
             assert ">" not in acl  # no clear-text password
+
+
+def mounted_file(spec: Obj, container: Obj, path: str) -> Obj:
+    """The volume (a Secret's) that `path` in the container comes from."""
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (volume,) = [
+        volumes[m["name"]]
+        for m in container["volumeMounts"]
+        if path.startswith(m["mountPath"] + "/")
+    ]
+    return volume
+
+
+def test_tls_is_on_in_prod_and_off_in_dev(rendered: dict[str, list[Obj]]) -> None:
+    """Prod: the coordinator serves gRPC over TLS, Redis speaks only TLS, and every tenant
+    verifies both against the CA mounted from a Secret. Dev stays plaintext and says so."""
+    for overlay, objs in rendered.items():
+        spec = pod_spec(by_name(objs, "Deployment", "coordinator"))
+        (c,) = spec["containers"]
+        argv = c["command"] + c.get("args", [])
+        redis_sts = by_name(objs, "StatefulSet", "redis")
+        (r,) = pod_spec(redis_sts)["containers"]
+        conf_name = next(
+            v["configMap"]["name"] for v in pod_spec(redis_sts)["volumes"] if "configMap" in v
+        )
+        conf = dict(
+            line.split(None, 1)
+            for line in by_name(objs, "ConfigMap", conf_name)["data"]["redis.conf"].splitlines()
+            if line and not line.startswith("#")
+        )
+        tenants = [
+            s for s in of_kind(objs, "StatefulSet") if s["metadata"]["name"].startswith("tenant-")
+        ]
+        if not overlay.startswith("prod"):
+            assert flag(argv, "--tls-cert") is None and conf["port"] == "6379"
+            assert (
+                "plaintext"
+                in (DEPLOY / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text()
+            )
+            continue
+        for name in ("--tls-cert", "--tls-key"):
+            path = flag(argv, name)
+            assert path, name
+            assert mounted_file(spec, c, path)["secret"]["secretName"] == "coordinator-tls"
+        assert conf["port"] == "0" and conf["tls-port"] == "6379"
+        for key in ("tls-cert-file", "tls-key-file", "tls-ca-cert-file"):
+            secret = mounted_file(pod_spec(redis_sts), r, conf[key])["secret"]
+            assert secret["secretName"] == "redis-tls", key
+        assert "--tls" in r["readinessProbe"]["exec"]["command"]
+        for sts in tenants:
+            t = next(c for c in pod_spec(sts)["containers"] if c["name"] == "supernode")
+            volumes = {v["name"]: v for v in pod_spec(sts)["volumes"]}
+            cm = by_name(objs, "ConfigMap", volumes["node-config"]["configMap"]["name"])
+            pairs = dict(item.split("=", 1) for item in shlex.split(cm["data"]["node-config"]))
+            assert "rediss://" in t["command"][-1]
+            for key in ("coordinator-tls-ca", "redis-tls-ca"):
+                ca = mounted_file(pod_spec(sts), t, pairs[key])
+                assert ca["secret"]["secretName"] == "pema-tls-ca", key
 
 
 def b64(value: str) -> str:
@@ -390,9 +463,18 @@ def test_network_policies(rendered: dict[str, list[Obj]]) -> None:
             labels = pod_labels(sts)
             if labels.get("app.kubernetes.io/component") != "tenant":
                 continue
-            # Nothing reaches a tenant pod.
-            assert all(not p["spec"].get("ingress") for p in policies_for(objs, labels, "Ingress"))
-            # A tenant reaches DNS, the coordinator, the SuperLink, Redis and the Pushgateway.
+            # Only Prometheus (the monitoring namespace) reaches a tenant pod, on its metrics port.
+            for p in policies_for(objs, labels, "Ingress"):
+                for rule in p["spec"].get("ingress", []):
+                    assert [x["port"] for x in rule["ports"]] == [9102], p
+                    assert rule["from"] == [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                            }
+                        }
+                    ], p
+            # A tenant reaches DNS, the coordinator, the SuperLink and Redis; nothing else.
             reached = set()
             for p in policies_for(objs, labels, "Egress"):
                 for rule in p["spec"].get("egress", []):
@@ -403,8 +485,8 @@ def test_network_policies(rendered: dict[str, list[Obj]]) -> None:
                             reached.add("dns")
                         else:
                             reached.add(sel["app.kubernetes.io/component"])
-            assert reached == {"dns", "coordinator", "superlink", "redis", "pushgateway"}
-        # Metrics ports admit only the monitoring namespace (and tenants pushing to the gateway).
+            assert reached == {"dns", "coordinator", "superlink", "redis"}
+        # Metrics ports admit only the monitoring namespace.
         metrics_ports = {
             p["containerPort"]
             for w in workloads(objs)
@@ -419,11 +501,8 @@ def test_network_policies(rendered: dict[str, list[Obj]]) -> None:
                     continue
                 for peer in rule["from"]:
                     ns = peer.get("namespaceSelector", {}).get("matchLabels", {})
-                    pods = peer.get("podSelector", {}).get("matchLabels", {})
-                    pushing = pods.get("app.kubernetes.io/component") == "tenant" and ports == {
-                        9091
-                    }
-                    assert ns == {"kubernetes.io/metadata.name": "monitoring"} or pushing, p
+                    assert ns == {"kubernetes.io/metadata.name": "monitoring"}, p
+                    assert "podSelector" not in peer, p
 
 
 # --- scraping ---------------------------------------------------------------------------------
@@ -457,16 +536,20 @@ def test_every_metrics_port_is_scraped(rendered: dict[str, list[Obj]]) -> None:
     }
     for overlay, objs in rendered.items():
         services = metrics_services(objs)
-        assert {"coordinator-metrics", "pushgateway"} <= services.keys()
+        assert "coordinator-metrics" in services
+        if any(o["metadata"]["name"].startswith("tenant-") for o in of_kind(objs, "StatefulSet")):
+            assert "pema-tenants" in services
         # Without the Operator: prometheus.yml names an SRV record for each workload's metrics.
         scraped = {n.split(".")[2] for n in srv_names if n.startswith("_metrics._tcp.")}
         workload_of = {
             name: s["spec"]["selector"]["app.kubernetes.io/component"]
             for name, s in services.items()
         }
-        assert set(workload_of.values()) == {workload_of[s] for s in scraped}, overlay
-        for name in scraped:
-            assert services[name]["spec"].get("clusterIP") == "None" or name == "pushgateway"
+        assert set(workload_of.values()) == {workload_of[s] for s in scraped & services.keys()}, (
+            overlay
+        )
+        for name in scraped & services.keys():
+            assert services[name]["spec"].get("clusterIP") == "None"  # one target per pod
         # With the Operator (prod): a ServiceMonitor selects a Service for each of them.
         monitors = of_kind(objs, "ServiceMonitor")
         if overlay.startswith("prod"):
@@ -480,17 +563,26 @@ def test_every_metrics_port_is_scraped(rendered: dict[str, list[Obj]]) -> None:
                         covered.add(workload_of[s["metadata"]["name"]])
             assert covered == set(workload_of.values())
             jobs = {job["job_name"] for job in prom["scrape_configs"]}
-            job_labels = {s["metadata"]["labels"].get("pema.io/job") for s in services.values()} - {
-                None
-            }
+            job_labels = {
+                s["metadata"]["labels"].get("pema.io/job") for s in of_kind(objs, "Service")
+            } - {None}
             assert job_labels == jobs  # same job names with or without the Operator
-            pushgw = [m for m in monitors if "pushgateway" in m["metadata"]["name"]]
-            assert all(e.get("honorLabels") for m in pushgw for e in m["spec"]["endpoints"])
+            # The tenant label comes from the pod, and a pod cannot override it.
+            (tenant_monitor,) = [m for m in monitors if m["metadata"]["name"] == "pema-tenant"]
+            for e in tenant_monitor["spec"]["endpoints"]:
+                assert not e.get("honorLabels")
+                assert {
+                    "sourceLabels": ["__meta_kubernetes_pod_label_pema_io_tenant"],
+                    "targetLabel": "tenant",
+                } in e["relabelings"]
             (rule,) = of_kind(objs, "PrometheusRule")
             rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
             assert rule["spec"] == rules
-    gateway = next(j for j in prom["scrape_configs"] if j["job_name"] == "pema-pushgateway")
-    assert gateway["honor_labels"] is True
+    tenants = next(j for j in prom["scrape_configs"] if j["job_name"] == "pema-tenant")
+    assert not tenants.get("honor_labels")
+    (relabel, _) = tenants["relabel_configs"]
+    assert relabel["target_label"] == "tenant"
+    assert re.fullmatch(relabel["regex"], "tenant-kjv-a-0.pema-tenants.pema.svc.cluster.local.")
 
 
 # --- metric names: rules and dashboard vs the code --------------------------------------------
@@ -523,39 +615,24 @@ def metric_names(expr: str) -> set[str]:
 
 def exported_metrics() -> set[str]:
     """Series names the code exports, read from its prometheus_client registries."""
-    from prometheus_client import CollectorRegistry
-
     import tenant.metrics as tm
     from coordinator.metrics import Metrics
 
-    registries = [Metrics(["t"]).registry]
-    pushed: list[CollectorRegistry] = []
-
-    def capture(gateway: str, job: str, grouping_key: Any, registry: CollectorRegistry) -> None:
-        pushed.append(registry)
-
-    original = tm.pushadd_to_gateway
-    tm.pushadd_to_gateway = capture  # type: ignore[assignment]
-    try:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            figures = tm.RoundFigures("t", 1, 0.1, 1.0, 0.5, True, 0.3)
-            tm.push_round("gw:9091", figures, Path(tmp) / "state.json")
-            tm.push_quality("gw:9091", "t", 1.0, 2.0)
-    finally:
-        tm.pushadd_to_gateway = original
-    registries += pushed
-    assert len(pushed) == 2
+    families = list(Metrics(["t"]).registry.collect())
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp) / "state.json"
+        tm.record_round(state, tm.RoundFigures(1, 0.1, 1.0, 0.5, True, 0.3))
+        tm.record_quality(state, 1.0, 2.0)
+        assert tm.read_state(state).keys() == tm.SERIES.keys() - {"pema_tenant_cache_misses"}
+        families += tm.registry(state).collect()  # the tenant exporter's /metrics
     names: set[str] = set()
-    for reg in registries:
-        for family in reg.collect():
-            if family.type == "counter":
-                names |= {family.name + "_total", family.name + "_created"}
-            elif family.type == "histogram":
-                names |= {family.name + s for s in ("_bucket", "_sum", "_count", "_created")}
-            else:
-                names.add(family.name)
+    for family in families:
+        if family.type == "counter":
+            names |= {family.name + "_total", family.name + "_created"}
+        elif family.type == "histogram":
+            names |= {family.name + s for s in ("_bucket", "_sum", "_count", "_created")}
+        else:
+            names.add(family.name)
     return names
 
 
@@ -631,10 +708,22 @@ def test_rules_cover_the_required_alerts() -> None:
     assert {
         "PemaCoordinatorDown",
         "PemaCoordinatorErrorRatio",
+        "PemaCoordinatorBadTokens",
         "PemaCoordinatorLatencyP99",
         "PemaTenantTrainingMemoryNearLimit",
         "PemaTenantMissingFromRounds",
     } <= alerts
+    # Each alert has a promtool unit test (deploy/check.py runs them).
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "rules_test.yml").read_text())
+    tested = {t["alertname"] for case in tests["tests"] for t in case["alert_rule_test"]}
+    assert {"PemaCoordinatorErrorRatio", "PemaCoordinatorBadTokens"} <= tested
+    error_ratio = next(
+        r["expr"]
+        for g in rules["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "PemaCoordinatorErrorRatio"
+    )
+    assert 'tenant!="_unauthenticated"' in error_ratio and "RESOURCE_EXHAUSTED" not in error_ratio
     readme = (DEPLOY / "README.md").read_text()
     for alert in alerts:
         assert alert in readme, f"deploy/README.md does not explain {alert}"

@@ -1,8 +1,9 @@
 """Federated rounds with real processes: a coordinator serving a tiny random Llama model, the
 SuperLink (TLS, SuperNode authentication, Fleet API on its own port), authenticated
-flower-supernodes, `flwr run`, and a Pushgateway with a Prometheus server scraping it and the
-coordinator. Every message the ServerApp receives is recorded (run config `audit-log`) and checked
-against the reply allow-list. Every process is stopped at the end, also when a test fails.
+flower-supernodes, `flwr run`, and a Prometheus server scraping each tenant's metrics exporter
+and the coordinator. Every message the ServerApp receives is recorded (run config `audit-log`)
+and checked against the reply allow-list. Every process is stopped at the end, also when a test
+fails.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pema.adapter import WEIGHTS_FILE
 from pema.data import read_pairs
 from tenant.demo import (
     Federation,
+    Monitoring,
     Processes,
     promql,
     read_rows,
@@ -52,15 +54,13 @@ class Services:
     tokens: dict[str, str]
     coordinator: str
     coordinator_metrics: str
-    pushgateway: str
-    prometheus: str
+    metrics: Monitoring
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
-    for binary in ("prometheus", "prometheus-pushgateway"):
-        if shutil.which(binary) is None:
-            pytest.fail(f"{binary} is not installed: run `make metrics-deps`")
+    if shutil.which("prometheus") is None:
+        pytest.fail("prometheus is not installed: run `make metrics-deps`")
     workdir = tmp_path_factory.mktemp("federation")
     model = save_tiny_model(workdir / "model")
     run = uuid.uuid4().hex[:8]
@@ -69,9 +69,10 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     procs = Processes(workdir / "logs")
     try:
         coordinator, coordinator_metrics = start_coordinator(procs, model, tokens, workdir)
-        metrics = start_metrics(procs, workdir, [coordinator_metrics.split("/")[2]])
+        all_tenants = [t for ts in tenants.values() for t in ts]
+        metrics = start_metrics(procs, workdir, [coordinator_metrics.split("/")[2]], all_tenants)
         assert metrics is not None
-        yield Services(workdir, tenants, tokens, coordinator, coordinator_metrics, *metrics)
+        yield Services(workdir, tenants, tokens, coordinator, coordinator_metrics, metrics)
     finally:
         procs.stop_all()
         client = redis.Redis.from_url(REDIS_URL)
@@ -150,7 +151,7 @@ def test_two_tenants_two_rounds(services: Services, aggregation: str) -> None:
                     "redis-url": REDIS_URL,
                     "cache-dir": run_dir / "cache",
                     "aggregation-group": "kjv",
-                    "pushgateway": services.pushgateway,
+                    "metrics-file": services.metrics.files[tenant],
                 },
             )
         table = fed.run(
@@ -200,7 +201,7 @@ def test_two_tenants_two_rounds(services: Services, aggregation: str) -> None:
         assert {r["started-from"] for r in rows if r["round"] > 1} == {"checkpoint"}
         assert not all(torch.equal(a[k], b[k]) for k in a)
 
-    # Prometheus scraped every tenant's training figures from the Pushgateway.
+    # Prometheus scraped every tenant's training figures from its exporter, labelled by target.
     selector = '{tenant=~"' + "|".join(tenants) + '"}'
     for metric in (
         "pema_tenant_train_peak_memory_bytes",
@@ -208,18 +209,23 @@ def test_two_tenants_two_rounds(services: Services, aggregation: str) -> None:
         "pema_tenant_round_seconds",
     ):
         result = wait_for(
-            lambda m=metric: len(r := promql(services.prometheus, m + selector)) == 2 and r,  # type: ignore[misc]
+            lambda m=metric: len(r := promql(services.metrics.prometheus, m + selector)) == 2 and r,  # type: ignore[misc]
             f"{metric} in Prometheus",
             timeout=60,
         )
         assert {s["metric"]["tenant"] for s in result} == set(tenants)
         assert all(float(s["value"][1]) > 0 for s in result)
-    hits = promql(services.prometheus, "pema_tenant_cache_hits_total" + selector)
+    hits = promql(services.metrics.prometheus, "pema_tenant_cache_hits_total" + selector)
     assert {float(s["value"][1]) for s in hits} == {ROUNDS - 1.0}
+    # The tenant label is the scrape target's (as a pod's in the cluster): the exporters' own
+    # series carry none, so nothing a tenant process writes can name another tenant.
+    for t in tenants:
+        with urllib.request.urlopen(f"http://{services.metrics.exporters[t]}/metrics") as r:
+            assert "tenant=" not in r.read().decode()
     # ... and the coordinator's own endpoint: the tenants' Encode calls, all from round 1.
     query = 'sum by (tenant) (pema_coordinator_requests_total{method="Encode",' + selector[1:] + ")"
     encodes = wait_for(
-        lambda: len(r := promql(services.prometheus, query)) == 2 and r,
+        lambda: len(r := promql(services.metrics.prometheus, query)) == 2 and r,
         "coordinator metrics in Prometheus",
         timeout=60,
     )
