@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "bfloat16", "float32", "float16"],
         help="forward dtype (default: $PEMA_DTYPE, else auto: the faster of bf16 and fp32 here)",
     )
+    s.add_argument(
+        "--device",
+        default=None,
+        help="auto, cpu or cuda[:N] (default: $PEMA_DEVICE, else auto: CUDA when present)",
+    )
     s.add_argument("--host", default="[::]")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--metrics-host", default="0.0.0.0")
@@ -41,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-message-bytes", type=int, default=8 << 20)
     s.add_argument("--grace-seconds", type=float, default=30.0)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument(
+        "--decode-wait-ms",
+        type=float,
+        default=20.0,
+        help="a decode pass waits up to this long for the sessions of the last pass to send "
+        "their next steps, so they stay batched (default: %(default)s)",
+    )
     s.add_argument("--log-level", default="INFO")
     h = sub.add_parser("hash-token", help="print the sha256 of a token for the tenants file")
     h.add_argument("token")
@@ -61,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         tenants=load_tenants(args.tenants),
         model=args.model,
         dtype=args.dtype,
+        device=args.device,
         host=args.host,
         port=args.port,
         metrics_host=args.metrics_host,
@@ -71,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         max_message_bytes=args.max_message_bytes,
         grace_seconds=args.grace_seconds,
         threads=args.threads,
+        decode_wait_seconds=args.decode_wait_ms / 1000,
     )
 
 

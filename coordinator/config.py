@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pema.dtypes import DTYPES
+from pema.dtypes import DTYPES, check_device_name
 from pema.errors import PemaError
 
 TENANTS_ENV = "PEMA_COORDINATOR_TENANTS"
@@ -114,6 +114,7 @@ class CoordinatorConfig:
     tenants: tuple[Tenant, ...]
     model: Path | None = None  # None: the default model
     dtype: str | None = None  # None: $PEMA_DTYPE, else auto (pema.dtypes.resolve_dtype)
+    device: str | None = None  # None: $PEMA_DEVICE, else auto (pema.dtypes.resolve_device)
     host: str = "[::]"
     port: int = 50051  # 0: pick a free port (tests)
     metrics_host: str = "0.0.0.0"
@@ -128,6 +129,7 @@ class CoordinatorConfig:
     grace_seconds: float = 30.0  # SIGTERM: in-flight calls get this long to finish
     rpc_threads: int = 32
     threads: int | None = None  # torch CPU threads of the model worker
+    decode_wait_seconds: float = 0.02  # a decode pass waits this long for the last pass's sessions
 
     def __post_init__(self) -> None:
         if not self.tenants:
@@ -140,6 +142,11 @@ class CoordinatorConfig:
             raise ConfigError("two tenants share a token")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.device is not None:
+            try:
+                check_device_name(self.device)
+            except PemaError as e:
+                raise ConfigError(str(e)) from None
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port {self.port} out of range")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
@@ -156,7 +163,7 @@ class CoordinatorConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads must be positive")
-        if self.session_idle_seconds < 0 or self.grace_seconds < 0:
+        if self.session_idle_seconds < 0 or self.grace_seconds < 0 or self.decode_wait_seconds < 0:
             raise ConfigError("durations must not be negative")
         if self.model is not None and not (self.model / "config.json").is_file():
             raise ConfigError(f"{self.model}: not a Hugging Face model folder")

@@ -93,6 +93,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self._head_chunks: list[pb.HeadChunk] | None = None
         self._head_lock = threading.Lock()
 
+    @property
+    def calls_in_flight(self) -> int:
+        return self._active_calls
+
+    @property
+    def max_calls(self) -> int:
+        return self._max_calls
+
     # -- the frame around every call ------------------------------------------------------------
 
     def _authenticate(self, context: grpc.ServicerContext) -> Tenant:
@@ -434,7 +442,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise DataError(f"expected {session.rows} tokens (one per sequence), got {len(tokens)}")
         length = session.length + 1
         self._check_sequence(tenant, tokens, length, "step")
-        session.hidden = self.worker.call(lambda: session.local.step(tokens)).result()
+        session.hidden = self.worker.step(session.local, tokens).result()
         session.length = length
         session.last_used = time.monotonic()
         self.metrics.tokens.labels(tenant.id, "decode_step").inc(len(tokens))

@@ -45,6 +45,12 @@ def find_final_norm(model: nn.Module) -> tuple[str, nn.Module]:
     raise ModelError(f"{type(model).__name__}: cannot locate the final norm layer")
 
 
+def _cpu_fp32(t: Tensor) -> Tensor:
+    """A detached fp32 copy in host memory: the head travels and runs there whatever device the
+    model sits on."""
+    return t.detach().to("cpu", torch.float32, copy=True)
+
+
 @dataclass
 class HeadSpec:
     """Everything that defines the head, as plain tensors: what travels over the wire."""
@@ -68,7 +74,7 @@ class HeadSpec:
         softcap = getattr(config, "final_logit_softcapping", None)
         if isinstance(norm, nn.LayerNorm):
             kind, eps = "layer", norm.eps
-            nb = norm.bias.detach().float().clone() if norm.bias is not None else None
+            nb = _cpu_fp32(norm.bias) if norm.bias is not None else None
         else:
             kind = "rms"
             eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
@@ -80,11 +86,11 @@ class HeadSpec:
         return cls(
             norm_kind=kind,
             eps=float(eps),
-            norm_weight=nw.detach().float().clone(),
+            norm_weight=_cpu_fp32(nw),
             norm_bias=nb,
             norm_weight_offset=offset,
-            weight=out.weight.detach().float().clone(),
-            bias=out.bias.detach().float().clone() if out.bias is not None else None,
+            weight=_cpu_fp32(out.weight),
+            bias=_cpu_fp32(out.bias) if out.bias is not None else None,
             softcap=float(softcap) if softcap else None,
         )
 

@@ -16,6 +16,7 @@ from pema.adapter import KEY_NORMS, SCHEDULES, VARIANTS, AdapterConfig
 from pema.argtypes import positive_int
 from pema.backbone import MemoryMode
 from pema.data import read_pairs
+from pema.dtypes import resolve_device
 from pema.errors import PemaError
 from pema.evaluation import translate
 from pema.generation import Mixing
@@ -52,6 +53,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument(
+        "--device",
+        default=None,
+        help="where the in-process model runs: auto, cpu or cuda[:N] "
+        "(default: $PEMA_DEVICE, else auto: CUDA when present)",
+    )
+    p.add_argument(
         "--coordinator",
         metavar="HOST:PORT",
         default=None,
@@ -72,9 +79,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _backend(args: argparse.Namespace) -> Backend:
     """The coordinator's model when --coordinator is given, else the model in this process."""
     if args.coordinator is None:
-        return local_backend(args.model)
-    if args.model is not None:
-        raise PemaError("--model and --coordinator exclude each other")
+        return local_backend(args.model, device=resolve_device(args.device))
+    if args.model is not None or args.device is not None:
+        raise PemaError("--model and --device exclude --coordinator (the model runs there)")
     if not args.token:
         raise PemaError("--coordinator needs --token (or PEMA_TOKEN)")
     use_tls = args.tls_ca or args.tls_cert or args.tls_key
