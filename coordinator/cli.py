@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("hash-token", help="print the sha256 of a token for the tenants file")
     h.add_argument("token")
     pm = sub.add_parser(
-        "provision-model", help="convert the default model into a cache folder; print its path"
+        "provision-model",
+        help="convert the default model into a cache folder and record this CPU's dtype choice "
+        "there; print the model's path",
     )
     pm.add_argument("--cache-dir", type=Path, default=None, help="default: $PEMA_CACHE_DIR")
     return parser
@@ -112,11 +114,16 @@ def serve(config: CoordinatorConfig) -> int:
 
 
 def provision_model(cache: Path | None) -> int:
-    """Fill a volume with the default model (a Kubernetes init step); idempotent."""
-    from pema.models import default_model_dir  # loads torch
+    """Fill a volume with the default model and, on a CPU node, this CPU's recorded forward dtype
+    choice for it (a Kubernetes init step); idempotent: what is there already is kept."""
+    from pema.dtypes import CHOICES_FILE, recorded_cpu_dtype, resolve_device  # loads torch
+    from pema.models import cache_dir, default_model_dir, probe_shape
 
     try:
-        print(default_model_dir(cache), flush=True)
+        folder = default_model_dir(cache)
+        if resolve_device().type == "cpu":
+            recorded_cpu_dtype(probe_shape(folder), (cache or cache_dir()) / CHOICES_FILE)
+        print(folder, flush=True)
     except PemaError as e:
         print(f"pema-coordinator: error: {e}", file=sys.stderr)
         return 2

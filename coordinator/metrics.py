@@ -126,6 +126,7 @@ class Metrics:
             "The served model: name, weights revision, forward dtype and device",
             registry=r,
         )
+        self.grpc = StreamingPromServerInterceptor(enable_handling_time_histogram=True, registry=r)
 
     def watch(
         self,
@@ -141,11 +142,6 @@ class Metrics:
         self.queued_tokens.set_function(queued_tokens)
         self.max_queued_tokens.set(max_queued_tokens)
         self.model.info(model)
-
-    def grpc_interceptor(self) -> grpc.ServerInterceptor:
-        return StreamingPromServerInterceptor(
-            enable_handling_time_histogram=True, registry=self.registry
-        )
 
     def tenant(self, tenant_id: str | None) -> str:
         """The label value for a tenant: only registered ids, never client-chosen text."""

@@ -96,7 +96,7 @@ class CoordinatorServer:
         limit = 2 * config.max_message_bytes
         self.server = grpc.server(
             futures.ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="rpc"),
-            interceptors=[self.metrics.grpc_interceptor()],
+            interceptors=[self.metrics.grpc],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", 64 << 20),
