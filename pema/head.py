@@ -177,7 +177,7 @@ class LMHead(nn.Module):
         if dtype == self.weight.dtype:
             return self.weight
         cached = self._weight_cache.get(dtype)
-        if cached is None:
+        if cached is None or cached.device != self.weight.device:  # the head moved since
             cached = self._weight_cache[dtype] = self.weight.to(dtype)
         return cached
 
@@ -213,7 +213,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
             total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
             if grad_n is not None:
                 g = torch.softmax(logits, dim=-1)
-                g[torch.arange(len(tc)), tc] -= 1.0
+                g[torch.arange(len(tc), device=tc.device), tc] -= 1.0
                 if softcap:
                     g *= 1.0 - t * t
                 grad_n[i : i + chunk_size] = (g.to(weight.dtype) @ weight).float() / rows

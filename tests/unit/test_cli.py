@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tenant.cli import main
 
@@ -121,6 +122,28 @@ def test_train_user_errors(
     line = _assert_one_error_line(captured.err, strict=quiet)
     assert expected in line
     assert captured.out == ""
+    _assert_nothing_left(out)
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [("gpu", "auto, cpu or cuda[:N]"), ("cuda:7", "CUDA device")],
+)
+def test_train_device_errors(
+    device: str,
+    expected: str,
+    data: dict[str, Path],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    out = tmp_path / "adapter"
+    args = _train_args(data, data["train"], out, tiny_model_dir)
+    assert main([*args, "--device", device, "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert expected in _assert_one_error_line(captured.err)
     _assert_nothing_left(out)
 
 
