@@ -8,14 +8,21 @@ in-process baseline runs the *same* FrozenLM object on the same items while the 
   tenants; input tokens (prompt + target) per second, median of repeats.
 - Generation: greedy PEMA generation (untrained residual adapter, constant λ, so P_PEMA is
   computed every step) through Decode vs a LocalSession; seconds per generated token.
+- Concurrent decode (continuous batching): 1, 4, 8 and 16 Decode sessions at once, each a client
+  thread generating greedily at batch 1 (plain greedy, no adapter, so the clients' work stays
+  small); aggregate generated tokens per second against one session alone, and against the
+  in-process ceiling (one LocalSession holding all the rows in one batch). Batch-1 latency
+  through Decode against in-process greedy comes from the same rows.
 
-Run: `python -m benchmarks.serving [--pairs 192] [--repeats 3]`; writes
-benchmarks/results/serving.md and serving.json.
+Run: `python -m benchmarks.serving [--pairs 192] [--repeats 3] [--sessions 1 4 8 16]`; writes
+benchmarks/results/serving.md and serving.json. `--device cuda` runs the coordinator on a GPU
+(rows for it are "not measured" until someone with a GPU runs it).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -27,7 +34,7 @@ from typing import Any
 
 import torch
 
-from coordinator.config import CoordinatorConfig, Tenant, hash_token
+from coordinator.config import CoordinatorConfig, Tenant, TenantLimits, hash_token
 from coordinator.server import CoordinatorServer, load_model
 from pema.adapter import AdapterConfig, PemaAdapter
 from pema.backbone import EncodeItem, MemoryMode
@@ -40,27 +47,104 @@ from tenant.coordinator_client import ClientConfig, CoordinatorBackbone, Coordin
 DATA = shared_data_dir() / "kjv_web" / "train.tsv"
 RESULTS = Path(__file__).resolve().parent / "results"
 TENANT_COUNTS = (1, 4, 8)
+SESSION_COUNTS = (1, 4, 8, 16)
 
 
-def encode_concurrently(backbones: Sequence[CoordinatorBackbone], items: list[EncodeItem]) -> None:
-    shards = [items[i :: len(backbones)] for i in range(len(backbones))]
+def run_in_threads(tasks: Sequence[Callable[[], object]]) -> None:
+    """Run each task in its own thread (the tenants' clients) and re-raise the first error."""
     errors: list[BaseException] = []
 
-    def run(bb: CoordinatorBackbone, shard: list[EncodeItem]) -> None:
+    def guard(task: Callable[[], object]) -> None:
         try:
-            bb.encode(shard, MemoryMode.TEACHER_FORCED)
+            task()
         except BaseException as e:
             errors.append(e)
 
-    threads = [
-        threading.Thread(target=run, args=(bb, s)) for bb, s in zip(backbones, shards, strict=True)
-    ]
+    threads = [threading.Thread(target=guard, args=(t,)) for t in tasks]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     if errors:
         raise errors[0]
+
+
+def encode_concurrently(backbones: Sequence[CoordinatorBackbone], items: list[EncodeItem]) -> None:
+    shards = [items[i :: len(backbones)] for i in range(len(backbones))]
+    run_in_threads(
+        [
+            functools.partial(bb.encode, shard, MemoryMode.TEACHER_FORCED)
+            for bb, shard in zip(backbones, shards, strict=True)
+        ]
+    )
+
+
+def decode_concurrently(
+    backbones: Sequence[CoordinatorBackbone],
+    head: Any,
+    prompts: Sequence[list[int]],
+    new_tokens: int,
+) -> list[list[int]]:
+    """One Decode session per prompt, each in its own thread and stream, started together;
+    plain greedy at batch 1. Returns each session's tokens."""
+    out: list[list[int]] = [[] for _ in prompts]
+    barrier = threading.Barrier(len(prompts))
+
+    def run(i: int) -> None:
+        try:
+            session = backbones[i % len(backbones)].session()
+            barrier.wait()
+        except BaseException:
+            barrier.abort()  # the other threads stop waiting for this one
+            raise
+        (out[i],) = generate(session, head, [prompts[i]], frozenset(), [new_tokens])
+
+    run_in_threads([functools.partial(run, i) for i in range(len(prompts))])
+    return out
+
+
+def concurrent_decode_rows(
+    lm: Any,
+    backbones: Sequence[CoordinatorBackbone],
+    prompts: Sequence[list[int]],
+    counts: Sequence[int],
+    new_tokens: int,
+    repeats: int,
+) -> list[dict[str, Any]]:
+    """Aggregate tokens/s of k concurrent sessions, vs one session and vs in-process batch k."""
+    head = lm.head()
+    rows: list[dict[str, Any]] = []
+    for k in counts:
+        ps = [prompts[i % len(prompts)] for i in range(k)]
+
+        def in_process(ps: list[list[int]] = ps) -> list[list[int]]:
+            return generate(lm.session(), head, ps, frozenset(), [new_tokens] * len(ps))
+
+        def through_decode(ps: list[list[int]] = ps) -> list[list[int]]:
+            return decode_concurrently(backbones, head, ps, new_tokens)
+
+        same = in_process() == through_decode()
+        t_local, _ = median_time(in_process, repeats)
+        t_remote, runs = median_time(through_decode, repeats)
+        rows.append(
+            {
+                "sessions": k,
+                "seconds": t_remote,
+                "runs": runs,
+                "tokens_per_s": k * new_tokens / t_remote,
+                "in_process_batch_tokens_per_s": k * new_tokens / t_local,
+                "in_process_ms_per_token": 1000 * t_local / new_tokens,
+                "same_tokens": same,
+            }
+        )
+        one = rows[0]["tokens_per_s"]
+        r = rows[-1]
+        print(
+            f"concurrent decode, {k} sessions: {r['tokens_per_s']:.1f} tokens/s "
+            f"({r['tokens_per_s'] / one:.2f}x one session; in-process batch {k}: "
+            f"{r['in_process_batch_tokens_per_s']:.1f}), same tokens: {r['same_tokens']}"
+        )
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,13 +155,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        nargs="+",
+        default=list(SESSION_COUNTS),
+        help="concurrent Decode session counts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--decode-wait-ms",
+        type=float,
+        default=20.0,
+        help="the coordinator's --decode-wait-ms (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="the coordinator's device: auto, cpu or cuda[:N] (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="folder for serving.md and serving.json (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     tokens = {f"t{i}": f"bench-token-{i}" for i in range(max(TENANT_COUNTS))}
+    # Room for every concurrent session: each tenant holds up to its share of them.
+    limits = TenantLimits(max_decode_sessions=max(args.sessions), max_concurrent_calls=64)
     config = CoordinatorConfig(
-        tenants=tuple(Tenant(t, (hash_token(tok),)) for t, tok in tokens.items()),
+        tenants=tuple(Tenant(t, (hash_token(tok),), limits) for t, tok in tokens.items()),
         dtype="auto",
+        device=args.device,
+        decode_wait_seconds=args.decode_wait_ms / 1000,
+        rpc_threads=max(32, 2 * max(args.sessions) + 8),
         host="127.0.0.1",
         port=0,
         metrics_port=None,
@@ -187,6 +300,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"same tokens: {same}"
         )
 
+    # Continuous batching: concurrent sessions, one per tenant in turn, plain greedy.
+    decode_rows = concurrent_decode_rows(
+        lm,
+        [backbones[t] for t in sorted(backbones)],
+        [fmt.prompt_ids(p.source) for p in pairs[: max(args.sessions)]],
+        args.sessions,
+        args.gen_tokens,
+        args.repeats,
+    )
+
     for c in clients.values():
         c.close()
     server.stop(grace=1.0)
@@ -195,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": lm.info.name,
         "revision": lm.info.revision,
         "dtype": lm.info.dtype,
+        "device": str(lm.device),
+        "decode_wait_ms": args.decode_wait_ms,
         "pairs": len(items),
         "input_tokens": n_tokens,
         "keys": n_keys,
@@ -207,14 +332,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
         "decode_dtype": "float16",
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serving.json").write_text(
-        json.dumps({"meta": meta, "encode": encode_rows, "generation": gen_rows}, indent=2) + "\n"
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "serving.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "encode": encode_rows,
+                "generation": gen_rows,
+                "concurrent_decode": decode_rows,
+            },
+            indent=2,
+        )
+        + "\n"
     )
     lines = [
         "# Serving: coordinator vs in-process",
         "",
-        f"Model {meta['model']} ({meta['dtype']}, revision {meta['revision']}), "
+        f"Model {meta['model']} ({meta['dtype']} on {meta['device']}, revision "
+        f"{meta['revision']}), "
         f"{meta['pairs']} kjv_web train pairs ({n_tokens} input tokens, {n_keys} keys), "
         f"teacher-forced; median of {args.repeats} runs; torch threads {args.threads}, "
         f"max batch tokens {args.max_batch_tokens}.",
@@ -248,13 +383,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{g['remote_ms_per_token']:.1f} | {100 * g['overhead']:+.1f}% | "
             f"{g['same_tokens']} |"
         )
+    one = decode_rows[0]["tokens_per_s"] if decode_rows else 0.0
     lines += [
+        "",
+        f"## Concurrent decode (continuous batching; {args.gen_tokens} tokens per session, batch "
+        f"1 each, plain greedy, hidden states fp16 on the wire, --decode-wait-ms "
+        f"{args.decode_wait_ms:g})",
+        "",
+        "| sessions | seconds | aggregate tokens/s | vs one session | in-process batch tokens/s "
+        "| of in-process | same tokens |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for d in decode_rows:
+        lines.append(
+            f"| {d['sessions']} | {d['seconds']:.2f} | {d['tokens_per_s']:.1f} | "
+            f"{d['tokens_per_s'] / one:.2f}x | {d['in_process_batch_tokens_per_s']:.1f} | "
+            f"{100 * d['tokens_per_s'] / d['in_process_batch_tokens_per_s']:.0f}% | "
+            f"{d['same_tokens']} |"
+        )
+    if decode_rows and decode_rows[0]["sessions"] == 1:
+        d = decode_rows[0]
+        remote_ms = 1000 * d["seconds"] / args.gen_tokens
+        lines += [
+            "",
+            f"Batch-1 latency: {remote_ms:.1f} ms/token through Decode vs "
+            f"{d['in_process_ms_per_token']:.1f} in-process greedy "
+            f"({remote_ms / d['in_process_ms_per_token']:.2f}x).",
+        ]
+    lines += [
+        "",
+        "GPU: not measured (no GPU on this machine); `--device cuda` runs the same rows there.",
         "",
         "Reproduce: `python -m benchmarks.serving` (writes this file and serving.json).",
         "",
     ]
-    (RESULTS / "serving.md").write_text("\n".join(lines))
-    print((RESULTS / "serving.md").read_text())
+    (args.results / "serving.md").write_text("\n".join(lines))
+    print((args.results / "serving.md").read_text())
     return 0
 
 

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DTYPE_NAMES,
         help="forward dtype (default: $PEMA_DTYPE, else auto: the faster of bf16 and fp32 here)",
     )
+    s.add_argument(
+        "--device",
+        default=None,
+        help="auto, cpu or cuda[:N] (default: $PEMA_DEVICE, else auto: CUDA when present)",
+    )
     s.add_argument("--host", default="[::]", help="gRPC listen address")
     s.add_argument("--port", type=port, default=50051, help="gRPC port (0: any free port)")
     s.add_argument("--metrics-host", default="0.0.0.0", help="Prometheus /metrics address")
@@ -146,8 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="plaintext port serving only grpc.health.v1, for probes that cannot speak TLS; "
         "-1: none",
     )
+    s.add_argument(
+        "--decode-wait-ms",
+        type=float,
+        default=20.0,
+        help="a decode pass waits up to this long for the sessions of the last pass to send "
+        "their next steps, so they stay batched",
+    )
     pm = sub.add_parser(
-        "provision-model", help="convert the default model into a cache folder; print its path"
+        "provision-model",
+        help="convert the default model into a cache folder and record this CPU's dtype choice "
+        "there; print the model's path",
     )
     pm.add_argument("--cache-dir", type=Path, default=None, help="where (default: $PEMA_CACHE_DIR)")
     return parser
@@ -163,6 +177,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         tenants=load_tenants(args.tenants),
         model=args.model,
         dtype=args.dtype,
+        device=args.device,
         host=args.host,
         port=args.port,
         metrics_host=args.metrics_host,
@@ -178,6 +193,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         reserved_calls=args.reserved_calls,
         reflection=args.reflection,
         threads=args.threads,
+        decode_wait_seconds=args.decode_wait_ms / 1000,
     )
 
 
@@ -270,10 +286,19 @@ def serve(config: CoordinatorConfig, tenants_path: Path | None) -> int:
 
 
 def provision_model(cache: Path | None) -> int:
-    """Fill a volume with the default model (a Kubernetes init step); idempotent."""
-    from pema.models import default_model_dir  # loads torch
+    """Fill a volume with the default model and, on a CPU node, this CPU's recorded forward dtype
+    choice for it (a Kubernetes init step); idempotent: what is there already is kept."""
+    from pema.dtypes import CHOICES_FILE, recorded_cpu_dtype, resolve_device  # loads torch
+    from pema.models import cache_dir, default_model_dir, probe_shape
 
-    print(default_model_dir(cache), flush=True)
+    try:
+        folder = default_model_dir(cache)
+        if resolve_device().type == "cpu":
+            recorded_cpu_dtype(probe_shape(folder), (cache or cache_dir()) / CHOICES_FILE)
+        print(folder, flush=True)
+    except PemaError as e:
+        print(f"pema-coordinator: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import ConfigDict, TypeAdapter, ValidationError, field_validator
 from pydantic.dataclasses import dataclass as validated_dataclass
 
+from pema.dtypes import check_device_name
 from pema.errors import PemaError
 from pema.settings import DTYPE_NAMES
 from proto.tls import read_pem
@@ -169,6 +170,7 @@ class CoordinatorConfig:
     tenants: tuple[Tenant, ...]
     model: Path | None = None  # None: the default model
     dtype: str | None = None  # None: $PEMA_DTYPE, else auto (pema.dtypes.resolve_dtype)
+    device: str | None = None  # None: $PEMA_DEVICE, else auto (pema.dtypes.resolve_device)
     host: str = "[::]"
     port: int = 50051  # 0: pick a free port (tests)
     metrics_host: str = "0.0.0.0"
@@ -188,11 +190,17 @@ class CoordinatorConfig:
     reserved_calls: int = 2  # of those, each tenant's own: no other tenant can take them
     reflection: bool = False  # gRPC server reflection (unauthenticated: off unless asked for)
     threads: int | None = None  # torch CPU threads of the model worker
+    decode_wait_seconds: float = 0.02  # a decode pass waits this long for the last pass's sessions
 
     def __post_init__(self) -> None:
         check_tenants(self.tenants)
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+        if self.device is not None:
+            try:
+                check_device_name(self.device)
+            except PemaError as e:
+                raise ConfigError(str(e)) from None
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port {self.port} out of range")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
@@ -218,7 +226,7 @@ class CoordinatorConfig:
             )
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads must be positive")
-        if self.session_idle_seconds < 0 or self.grace_seconds < 0:
+        if self.session_idle_seconds < 0 or self.grace_seconds < 0 or self.decode_wait_seconds < 0:
             raise ConfigError("durations must not be negative")
         if self.model is not None and not (self.model / "config.json").is_file():
             raise ConfigError(f"{self.model}: not a Hugging Face model folder")

@@ -21,8 +21,14 @@ from coordinator.metrics import Metrics
 from coordinator.service import SERVICE_NAME, CoordinatorService, method_handlers
 from coordinator.worker import ModelWorker
 from pema.backbone import FrozenLM
-from pema.dtypes import resolve_dtype
-from pema.models import DEFAULT_MODEL_NAME, load_causal_lm, model_revision, resolve_model_dir
+from pema.dtypes import resolve_device, resolve_dtype
+from pema.models import (
+    DEFAULT_MODEL_NAME,
+    load_causal_lm,
+    model_revision,
+    probe_shape,
+    resolve_model_dir,
+)
 from proto.gen.pemaservice.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -66,7 +72,9 @@ def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
 
 def load_model(config: CoordinatorConfig) -> tuple[FrozenLM, PreTrainedTokenizerBase]:
     model_dir = resolve_model_dir(config.model)
-    model, tokenizer = load_causal_lm(model_dir, resolve_dtype(config.dtype))
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device, probe_shape(model_dir))
+    model, tokenizer = load_causal_lm(model_dir, dtype, device)
     name = DEFAULT_MODEL_NAME if config.model is None else model_dir.name
     lm = FrozenLM(model, name, model_revision(model_dir), config.max_batch_tokens)
     return lm, tokenizer
@@ -89,10 +97,27 @@ class CoordinatorServer:
         self.lm = lm
         self.metrics = Metrics(t.id for t in config.tenants)
         self.worker = ModelWorker(
-            lm, self.metrics, config.max_batch_tokens, config.max_queued_tokens, config.threads
+            lm,
+            self.metrics,
+            config.max_batch_tokens,
+            config.max_queued_tokens,
+            config.threads,
+            config.decode_wait_seconds,
         )
         self.service = CoordinatorService(
             config, lm, tokenizer_files(tokenizer), self.worker, self.metrics
+        )
+        self.metrics.watch(
+            calls_in_flight=lambda: self.service.calls_in_flight,
+            max_calls=self.service.max_calls,
+            queued_tokens=lambda: self.worker.queued_tokens,
+            max_queued_tokens=config.max_queued_tokens,
+            model={
+                "name": lm.info.name,
+                "revision": lm.info.revision,
+                "dtype": lm.info.dtype,
+                "device": str(lm.device),
+            },
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         # gRPC's own size check answers RESOURCE_EXHAUSTED; it sits above ours (INVALID_ARGUMENT,
@@ -104,6 +129,7 @@ class CoordinatorServer:
         ]
         self.server = grpc.server(
             self._pools[0],
+            interceptors=[self.metrics.grpc],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", 64 << 20),
@@ -188,10 +214,11 @@ class CoordinatorServer:
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving %s (revision %s, %s) on port %d, metrics on %s",
+            "serving %s (revision %s, %s on %s) on port %d, metrics on %s",
             self.lm.info.name,
             self.lm.info.revision,
             self.lm.info.dtype,
+            self.lm.device,
             self.port,
             self.metrics_port,
         )

@@ -153,6 +153,14 @@ class CoordinatorService:
                 else:
                     self._state[t.id] = TenantState(t)
 
+    @property
+    def calls_in_flight(self) -> int:
+        return self._active_calls
+
+    @property
+    def max_calls(self) -> int:
+        return self._max_calls
+
     # -- the frame around every call ------------------------------------------------------------
 
     def _authenticate(self, context: grpc.ServicerContext) -> Tenant:
@@ -564,7 +572,7 @@ class CoordinatorService:
         self._charge(tenant, session.rows)  # one more cached token per row
         with self._lock:
             session.charged += session.rows
-        session.hidden = self.worker.call(lambda: session.local.step(tokens)).result()
+        session.hidden = self.worker.step(session.local, tokens).result()
         session.length = length
         session.last_used = time.monotonic()
         self.metrics.tokens.labels(tenant.id, "decode_step").inc(len(tokens))

@@ -1,7 +1,7 @@
 """Offline checks of everything under deploy/ (`make deploy-check` runs this).
 
-1. render each overlay with `kubectl kustomize` (dev and prod as committed, and prod with two
-   tenants added by new_tenant.py in a scratch copy, since prod commits none);
+1. render each overlay with `kubectl kustomize` (dev, prod and gpu as committed, and prod with
+   two tenants added by new_tenant.py in a scratch copy, since prod commits none);
 2. validate every rendered object with `kubernetes-validate --strict` against Kubernetes
    KUBERNETES_VERSION; Prometheus Operator objects (ServiceMonitor, PrometheusRule) have no
    schema there (CRDs) and are checked structurally by tests/deploy/test_manifests.py instead;
@@ -33,7 +33,7 @@ import yaml
 DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
 K8S = DEPLOY / "k8s"
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "gpu")
 # kubectl here is v1.32; kubernetes-validate ships strict schemas for it.
 KUBERNETES_VERSION = "1.32.0"
 CRD_GROUPS = ("monitoring.coreos.com/",)

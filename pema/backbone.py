@@ -3,10 +3,19 @@
 Two ways to read them: `encode` (memory building, teacher-forced or free-running) and a
 `DecodeSession` (one hidden state per sequence per step, with a KV cache), which is the small
 "next hidden state" interface that generation runs against, locally or through the coordinator.
+
+Several local sessions can be stepped in one forward pass (`FrozenLM.step_sessions`): their KV
+caches are left-padded to a common length and stacked into one cache (a `_DecodeGroup`), with the
+attention mask hiding the padding and position ids counting real tokens only, so every row sees
+exactly what it would see alone. The group is kept while the same sessions keep stepping together;
+when the set changes, each member's rows are cut back out and a new group is stacked.
+
+Whatever device the model sits on, tensors cross this module's API on the CPU in fp32.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -14,6 +23,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from pema.errors import DataError, ModelError
 from pema.head import HeadSpec, LMHead, find_final_norm
@@ -128,7 +138,12 @@ class FrozenLM:
         setattr(base, attr, nn.Identity())
         self.model = model
         self.base = model.base_model
+        self.device = next(model.parameters()).device
         self.max_batch_tokens = max_batch_tokens
+        # Stacking caches is right only for plain full-attention layers (sliding windows or
+        # linear-attention states would need per-row offsets): other models step sessions alone.
+        probe = DynamicCache(config=model.config)
+        self.batchable_decode = all(type(layer) is DynamicLayer for layer in probe.layers)
         config = model.config
         max_length: int = (
             getattr(config, "max_position_embeddings", None)
@@ -178,6 +193,7 @@ class FrozenLM:
     ) -> tuple[Tensor, DynamicCache, Tensor]:
         """Left-padded forward pass: returns pre-norm states (B x L x d), the cache, the mask."""
         ids, new_mask = left_pad(seqs)
+        ids, new_mask = ids.to(self.device), new_mask.to(self.device)
         mask = new_mask if attention_mask is None else torch.cat([attention_mask, new_mask], dim=1)
         positions = positions_from_mask(mask)[:, -ids.shape[1] :]
         cache = cache if cache is not None else DynamicCache(config=self.model.config)
@@ -219,9 +235,7 @@ class FrozenLM:
         seqs = [list(it.prompt) + list(it.target[:-1]) for it in items]
         hidden, _, _ = self.forward_padded(seqs)
         return [
-            Encoded(
-                keys=hidden[i, hidden.shape[1] - len(it.target) :].float().clone(), generated=None
-            )
+            Encoded(keys=host_fp32(hidden[i, hidden.shape[1] - len(it.target) :]), generated=None)
             for i, it in enumerate(items)
         ]
 
@@ -257,45 +271,142 @@ class FrozenLM:
     def session(self) -> LocalSession:
         return LocalSession(self)
 
+    @torch.inference_mode()
+    def step_sessions(self, steps: Sequence[tuple[LocalSession, Sequence[int]]]) -> list[Tensor]:
+        """One decode step of several sessions in one forward pass: each gets f(c) (rows x d,
+        fp32, CPU) exactly as if it had stepped alone (up to float rounding)."""
+        if not steps:
+            return []
+        sessions = [s for s, _ in steps]
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise ModelError("a session can take only one step per batch")
+        if len(sessions) > 1 and not self.batchable_decode:
+            raise ModelError(f"{type(self.model).__name__}: decode sessions step one at a time")
+        for session, tokens in steps:
+            session.check_step(tokens)
+        group = _DecodeGroup.of(self, sessions)
+        hidden, group.cache, group.mask = self.forward_padded(
+            [[t] for _, tokens in steps for t in tokens], group.cache, group.mask
+        )
+        last = host_fp32(hidden[:, -1])
+        for session in sessions:
+            session.length += 1
+        return [last[s.rows_slice] for s in sessions]
+
+
+def host_fp32(t: Tensor) -> Tensor:
+    """An fp32 CPU tensor that owns its memory (never a view into a model's buffers)."""
+    return t.to("cpu", torch.float32, copy=True)
+
+
+class _DecodeGroup:
+    """The stacked KV cache and mask of sessions that step together (rows in members' order).
+
+    Members are held weakly, so a group never keeps a closed session's object alive; a group is
+    only ever stepped while its exact member list steps, and is read-only once superseded."""
+
+    def __init__(self, members: Sequence[LocalSession], cache: DynamicCache, mask: Tensor) -> None:
+        self.members = [weakref.ref(s) for s in members]
+        self.cache = cache
+        self.mask = mask
+
+    @classmethod
+    def of(cls, lm: FrozenLM, sessions: Sequence[LocalSession]) -> _DecodeGroup:
+        """The sessions' current group when they are exactly its members, else a new one."""
+        current = sessions[0].group
+        if current is not None and [m() for m in current.members] == list(sessions):
+            return current
+        parts = [s.own_state() for s in sessions]
+        width = max(mask.shape[1] for _, mask in parts)
+
+        def pad(t: Tensor, dim: int) -> Tensor:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        layers = [
+            (
+                torch.cat([pad(kv[i][0], 2) for kv, _ in parts]),
+                torch.cat([pad(kv[i][1], 2) for kv, _ in parts]),
+            )
+            for i in range(len(parts[0][0]))
+        ]
+        mask = torch.cat([pad(m, 1) for _, m in parts])
+        group = cls(sessions, DynamicCache(layers, config=lm.model.config), mask)
+        row = 0
+        for s, (_, m) in zip(sessions, parts, strict=True):
+            s.join(group, slice(row, row + m.shape[0]))
+            row += m.shape[0]
+        return group
+
 
 class LocalSession:
-    """An in-process DecodeSession over a FrozenLM, holding its KV cache."""
+    """An in-process DecodeSession over a FrozenLM: its KV cache lives in a decode group (its own
+    until it steps together with other sessions)."""
 
     def __init__(self, lm: FrozenLM) -> None:
         self.lm = lm
-        self.cache: DynamicCache | None = None
-        self.mask: Tensor | None = None
+        self.group: _DecodeGroup | None = None
+        self.rows_slice = slice(0, 0)
         self.length = 0
+        # Set from any thread; the model's thread drops the cache the next time it groups.
+        self.closed = False
+
+    @property
+    def rows(self) -> int:
+        return self.rows_slice.stop - self.rows_slice.start
+
+    def join(self, group: _DecodeGroup, rows: slice) -> None:
+        self.group, self.rows_slice = group, rows
+
+    def own_state(self) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """This session's rows of its group's cache (per layer: keys, values) and mask, without
+        the leading columns that are padding for all of its rows."""
+        if self.group is None:
+            raise ModelError("session not started")
+        g, r = self.group, self.rows_slice
+        mask = g.mask[r]
+        lead = int((mask.sum(0) == 0).long().cumprod(0).sum())
+        kv = []
+        for layer in g.cache.layers:
+            if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+                raise ModelError(f"cannot regroup a {type(layer).__name__} cache")
+            kv.append((layer.keys[r, :, lead:], layer.values[r, :, lead:]))
+        return kv, mask[:, lead:]
 
     def start(self, prompts: Sequence[Sequence[int]]) -> Tensor:
-        if self.cache is not None:
+        if self.group is not None or self.closed:
             raise ModelError("session already started")
         if not prompts:
             raise DataError("no prompts")
         for i, p in enumerate(prompts):
             self.lm.validate_ids(p, f"prompt {i}")
-        self.length = max(len(p) for p in prompts)
-        if self.length > self.lm.info.max_length:
-            raise DataError(f"prompt of {self.length} tokens exceeds the model's limit")
-        hidden, self.cache, self.mask = self.lm.forward_padded(prompts)
-        return hidden[:, -1].float()
+        length = max(len(p) for p in prompts)
+        if length > self.lm.info.max_length:
+            raise DataError(f"prompt of {length} tokens exceeds the model's limit")
+        hidden, cache, mask = self.lm.forward_padded(prompts)
+        self.join(_DecodeGroup([self], cache, mask), slice(0, len(prompts)))
+        self.length = length
+        return host_fp32(hidden[:, -1])
 
-    def step(self, tokens: Sequence[int]) -> Tensor:
-        if self.cache is None or self.mask is None:
-            raise ModelError("session not started")
-        if len(tokens) != self.mask.shape[0]:
-            raise DataError(f"expected {self.mask.shape[0]} tokens, got {len(tokens)}")
+    def check_step(self, tokens: Sequence[int]) -> None:
+        """Refuse a step this session cannot take, before it joins a batch."""
+        if self.group is None or self.closed:
+            raise ModelError("session not started" if not self.closed else "session closed")
+        if len(tokens) != self.rows:
+            raise DataError(f"expected {self.rows} tokens, got {len(tokens)}")
         self.lm.validate_ids(tokens, "step tokens")
         if self.length + 1 > self.lm.info.max_length:
             raise DataError(
                 f"sequence reached the model's limit of {self.lm.info.max_length} tokens"
             )
-        self.length += 1
-        hidden, self.cache, self.mask = self.lm.forward_padded(
-            [[t] for t in tokens], self.cache, self.mask
-        )
-        return hidden[:, -1].float()
+
+    def step(self, tokens: Sequence[int]) -> Tensor:
+        (hidden,) = self.lm.step_sessions([(self, tokens)])
+        return hidden
 
     def close(self) -> None:
-        self.cache = None
-        self.mask = None
+        self.closed = True

@@ -45,6 +45,12 @@ def find_final_norm(model: nn.Module) -> tuple[str, nn.Module]:
     raise ModelError(f"{type(model).__name__}: cannot locate the final norm layer")
 
 
+def _cpu_fp32(t: Tensor) -> Tensor:
+    """A detached fp32 copy in host memory: the head travels and runs there whatever device the
+    model sits on."""
+    return t.detach().to("cpu", torch.float32, copy=True)
+
+
 @dataclass
 class HeadSpec:
     """Everything that defines the head, as plain tensors: what travels over the wire."""
@@ -68,7 +74,7 @@ class HeadSpec:
         softcap = getattr(config, "final_logit_softcapping", None)
         if isinstance(norm, nn.LayerNorm):
             kind, eps = "layer", norm.eps
-            nb = norm.bias.detach().float().clone() if norm.bias is not None else None
+            nb = _cpu_fp32(norm.bias) if norm.bias is not None else None
         else:
             kind = "rms"
             eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
@@ -80,11 +86,11 @@ class HeadSpec:
         return cls(
             norm_kind=kind,
             eps=float(eps),
-            norm_weight=nw.detach().float().clone(),
+            norm_weight=_cpu_fp32(nw),
             norm_bias=nb,
             norm_weight_offset=offset,
-            weight=out.weight.detach().float().clone(),
-            bias=out.bias.detach().float().clone() if out.bias is not None else None,
+            weight=_cpu_fp32(out.weight),
+            bias=_cpu_fp32(out.bias) if out.bias is not None else None,
             softcap=float(softcap) if softcap else None,
         )
 
@@ -171,7 +177,7 @@ class LMHead(nn.Module):
         if dtype == self.weight.dtype:
             return self.weight
         cached = self._weight_cache.get(dtype)
-        if cached is None:
+        if cached is None or cached.device != self.weight.device:  # the head moved since
             cached = self._weight_cache[dtype] = self.weight.to(dtype)
         return cached
 
@@ -207,7 +213,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
             total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
             if grad_n is not None:
                 g = torch.softmax(logits, dim=-1)
-                g[torch.arange(len(tc)), tc] -= 1.0
+                g[torch.arange(len(tc), device=tc.device), tc] -= 1.0
                 if softcap:
                     g *= 1.0 - t * t
                 grad_n[i : i + chunk_size] = (g.to(weight.dtype) @ weight).float() / rows

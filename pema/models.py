@@ -11,11 +11,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from pema.dtypes import resolve_dtype
+from pema.dtypes import PROBE_SHAPE, resolve_device, resolve_dtype
 from pema.errors import ModelError
 from pema.settings import cache_dir
 
@@ -84,12 +84,25 @@ def model_revision(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def probe_shape(model_dir: Path) -> tuple[int, int]:
+    """The model's (hidden, MLP) widths, which the CPU dtype choice is timed and recorded for."""
+    try:
+        config = AutoConfig.from_pretrained(model_dir).get_text_config()
+        hidden = int(config.hidden_size)
+        inner = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return PROBE_SHAPE
+    return hidden, inner
+
+
 def load_causal_lm(
-    model_dir: Path, dtype: torch.dtype | None = None
+    model_dir: Path, dtype: torch.dtype | None = None, device: torch.device | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a frozen model (eval mode, no gradients) and its tokenizer; dtype None: the faster
-    forward dtype on this CPU (pema.dtypes.resolve_dtype)."""
-    dtype = dtype or resolve_dtype()
+    """Load a frozen model (eval mode, no gradients) and its tokenizer onto `device` (None:
+    $PEMA_DEVICE, else CUDA when present, else CPU); dtype None: $PEMA_DTYPE, else the device's
+    forward dtype (pema.dtypes.resolve_dtype)."""
+    device = device or resolve_device()
+    dtype = dtype or resolve_dtype(None, device, probe_shape(model_dir))
     # transformers draws a "Loading weights" bar on stderr: a library call should not.
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -101,6 +114,8 @@ def load_causal_lm(
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    # nn.Module.to moves in place; PreTrainedModel.to's decorated signature confuses mypy.
+    torch.nn.Module.to(model, device)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

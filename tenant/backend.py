@@ -25,11 +25,16 @@ class Backend:
     tokenizer: PreTrainedTokenizerBase
 
 
-def local_backend(model: str | Path | None = None, dtype: torch.dtype | None = None) -> Backend:
-    """Load the frozen model in this process (the default model when `model` is None), in the
-    faster forward dtype on this CPU unless `dtype` says otherwise."""
+def local_backend(
+    model: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> Backend:
+    """Load the frozen model in this process (the default model when `model` is None) onto
+    `device` (None: $PEMA_DEVICE, else CUDA when present, else CPU), in the device's forward
+    dtype unless `dtype` says otherwise."""
     model_dir = resolve_model_dir(model)
-    lm, tokenizer = load_causal_lm(model_dir, dtype)
+    lm, tokenizer = load_causal_lm(model_dir, dtype, device)
     name = DEFAULT_MODEL_NAME if model is None else model_dir.name
     return Backend(FrozenLM(lm, name, model_revision(model_dir)), tokenizer)
 

@@ -21,6 +21,7 @@ from pema.argtypes import (
     positive_int,
 )
 from pema.data import read_pairs
+from pema.dtypes import resolve_device
 from pema.errors import PemaError
 from pema.settings import (
     ADAPTER_CONFIG,
@@ -64,6 +65,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
     )
     p.add_argument(
+        "--device",
+        default=None,
+        help="where the in-process model runs: auto, cpu or cuda[:N] "
+        "(default: $PEMA_DEVICE, else auto: CUDA when present)",
+    )
+    p.add_argument(
         "--coordinator",
         metavar="HOST:PORT",
         default=None,
@@ -103,9 +110,9 @@ def _backend(args: argparse.Namespace) -> Backend:
     from tenant.coordinator_client import TlsOptions
 
     if args.coordinator is None:
-        return local_backend(args.model)
-    if args.model is not None:
-        raise PemaError("--model and --coordinator exclude each other")
+        return local_backend(args.model, device=resolve_device(args.device))
+    if args.model is not None or args.device is not None:
+        raise PemaError("--model and --device exclude --coordinator (the model runs there)")
     token = args.token or os.environ.get("PEMA_TOKEN")
     if not token:
         raise PemaError("--coordinator needs --token (or PEMA_TOKEN)")

@@ -235,6 +235,103 @@ def dashboard() -> dict[str, Any]:
             w=24,
             h=5,
         ),
+        row("Saturation and gRPC (the coordinator, per replica)", 53),
+        panel(
+            "Queued tokens and calls in flight (fraction of the limit)",
+            [
+                (
+                    "pema_coordinator_queued_tokens / pema_coordinator_max_queued_tokens",
+                    "{{instance}} queued tokens",
+                ),
+                (
+                    "pema_coordinator_calls_in_flight / pema_coordinator_max_calls",
+                    "{{instance}} calls",
+                ),
+            ],
+            "percentunit",
+            0,
+            54,
+            w=8,
+            description="Against --max-queued-tokens and the server's call cap; beyond 1, new "
+            "work is UNAVAILABLE. PemaCoordinatorSaturated fires at 80% / 90%.",
+        ),
+        panel(
+            "Batching: occupancy and decode rows per pass",
+            [
+                ("pema_coordinator_batch_occupancy", "{{instance}} {{kind}} occupancy"),
+                (
+                    "histogram_quantile(0.5, sum by (le) "
+                    f"(rate(pema_coordinator_decode_batch_rows_bucket[{rate}])))",
+                    "decode rows p50",
+                ),
+                ("sum(pema_coordinator_active_sessions)", "decode sessions"),
+            ],
+            "short",
+            8,
+            54,
+            w=8,
+            description="Occupancy of the last pass (encode: padded tokens / --max-batch-tokens;"
+            " decode: rows / 64), sequences stepped together per decode pass, live sessions.",
+        ),
+        panel(
+            "Process: CPU and resident memory",
+            [
+                (
+                    f'rate(process_cpu_seconds_total{{job="pema-coordinator"}}[{rate}])',
+                    "{{instance}} CPU cores",
+                ),
+                (
+                    'process_resident_memory_bytes{job="pema-coordinator"} / 2^30',
+                    "{{instance}} RSS GiB",
+                ),
+            ],
+            "short",
+            16,
+            54,
+            w=8,
+        ),
+        panel(
+            "gRPC calls handled, by method and code",
+            [
+                (
+                    f"sum by (grpc_method, grpc_code) (rate(grpc_server_handled_total[{rate}]))",
+                    "{{grpc_method}} {{grpc_code}}",
+                )
+            ],
+            "reqps",
+            0,
+            62,
+            description="py-grpc-prometheus' conventional families, streaming calls included.",
+        ),
+        panel(
+            "gRPC handling time p99, by method",
+            [
+                (
+                    "histogram_quantile(0.99, sum by (le, grpc_method) "
+                    f"(rate(grpc_server_handling_seconds_bucket[{rate}])))",
+                    "{{grpc_method}}",
+                )
+            ],
+            "s",
+            12,
+            62,
+        ),
+        panel(
+            "Served model per replica (revision, dtype, device)",
+            [
+                (
+                    "count by (instance, name, revision, dtype, device) "
+                    "(pema_coordinator_model_info)",
+                    "{{instance}} {{name}} {{revision}} {{dtype}} {{device}}",
+                )
+            ],
+            "short",
+            0,
+            70,
+            w=24,
+            h=5,
+            description="Every replica must serve one revision: PemaCoordinatorRevisionMismatch.",
+        ),
     ]
     for i, p in enumerate(panels):
         p["id"] = i + 1

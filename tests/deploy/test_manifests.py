@@ -195,6 +195,59 @@ def test_coordinator(rendered: dict[str, list[Obj]]) -> None:
             ]
 
 
+def test_model_volume(rendered: dict[str, list[Obj]]) -> None:
+    """The model and the dtype record live on one volume that provision-model fills and the
+    coordinator reads; in prod it is a PVC, so a restart finds them instead of converting."""
+    for overlay, objs in rendered.items():
+        spec = pod_spec(by_name(objs, "Deployment", "coordinator"))
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        (c,) = spec["containers"]
+        init = {i["name"]: i for i in spec["initContainers"]}["provision-model"]
+        cache = init["command"][init["command"].index("--cache-dir") + 1]
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        init_mounts = {m["name"]: m for m in init["volumeMounts"]}
+        assert init_mounts["models"]["mountPath"] == cache == mounts["models"]["mountPath"]
+        assert mounts["models"].get("readOnly") is True and not init_mounts["models"].get(
+            "readOnly"
+        )
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["PEMA_CACHE_DIR"] == cache  # the recorded dtype choice is read from there
+        models = volumes["models"]
+        if overlay == "dev":
+            assert "emptyDir" in models
+            continue
+        assert set(models) == {"name", "persistentVolumeClaim"}, overlay
+        pvc = by_name(objs, "PersistentVolumeClaim", models["persistentVolumeClaim"]["claimName"])
+        # Replicas on different nodes (required anti-affinity) mount it at once.
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert by_name(objs, "Deployment", "coordinator")["spec"]["replicas"] >= 2
+
+
+def test_gpu_overlay(rendered: dict[str, list[Obj]]) -> None:
+    gpu, prod = rendered["gpu"], rendered["prod"]
+    d = by_name(gpu, "Deployment", "coordinator")
+    spec = pod_spec(d)
+    (c,) = spec["containers"]
+    assert flag(c["command"], "--device") == "cuda"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+    assert c["image"].startswith(OUR_IMAGE) and c["image"].endswith("-cuda")
+    # Only the coordinator changes: everything else is prod's, CPU image included.
+    (prod_c,) = pod_spec(by_name(prod, "Deployment", "coordinator"))["containers"]
+    assert [a for a in c["command"] if not a.startswith("--device")] == prod_c["command"]
+    assert flag(prod_c["command"], "--device") is None
+    others = [o for o in gpu if (o["kind"], o["metadata"]["name"]) != ("Deployment", "coordinator")]
+    assert others == [
+        o for o in prod if (o["kind"], o["metadata"]["name"]) != ("Deployment", "coordinator")
+    ]
+    for w in workloads(others):
+        for container in pod_spec(w).get("initContainers", []) + pod_spec(w)["containers"]:
+            assert "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {})
+
+
 def test_superlink_binds_all_interfaces_keeps_state_and_probes_health(
     rendered: dict[str, list[Obj]],
 ) -> None:
@@ -318,7 +371,7 @@ def test_tls_is_on_in_prod_and_off_in_dev(rendered: dict[str, list[Obj]]) -> Non
         tenants = [
             s for s in of_kind(objs, "StatefulSet") if s["metadata"]["name"].startswith("tenant-")
         ]
-        if not overlay.startswith("prod"):
+        if overlay == "dev":
             assert flag(argv, "--tls-cert") is None and conf["port"] == "6379"
             assert (
                 "plaintext"
@@ -631,6 +684,8 @@ def exported_metrics() -> set[str]:
             names |= {family.name + "_total", family.name + "_created"}
         elif family.type == "histogram":
             names |= {family.name + s for s in ("_bucket", "_sum", "_count", "_created")}
+        elif family.type == "info":
+            names.add(family.name + "_info")
         else:
             names.add(family.name)
     return names
@@ -738,7 +793,8 @@ def test_dockerfile() -> None:
     assert len(stages) >= 2
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
     assert base and re.fullmatch(r"python(:3\.11\.\d+-slim\S*|@sha256:[0-9a-f]{64})", base[1])
-    assert "download.pytorch.org/whl/cpu" in stages[0] and "torch==${TORCH_VERSION}" in stages[0]
+    assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu$", stages[0], re.M)
+    assert '"torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"' in stages[0]
     assert re.search(r"^ARG TORCH_VERSION=2\.13\.0$", text, re.M)
     final = stages[-1]
     assert "COPY --from=builder /opt/venv /opt/venv" in final
@@ -791,6 +847,12 @@ def test_provision_model_prints_the_model_folder(
     (target / "config.json").write_text("{}")  # already provisioned: nothing to convert
     assert main(["provision-model", "--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(target)
+    # On a CPU node the dtype choice is recorded next to the model, once.
+    record = tmp_path / "dtype-choices.json"
+    assert record.is_file()
+    before = record.read_bytes()
+    assert main(["provision-model", "--cache-dir", str(tmp_path)]) == 0
+    assert record.read_bytes() == before
 
 
 def test_new_tenant_adds_and_rotates_without_touching_others(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tenant.cli import main
 
@@ -134,6 +135,28 @@ def test_train_user_errors(
     _assert_nothing_left(out)
 
 
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [("gpu", "auto, cpu or cuda[:N]"), ("cuda:7", "CUDA device")],
+)
+def test_train_device_errors(
+    device: str,
+    expected: str,
+    data: dict[str, Path],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    out = tmp_path / "adapter"
+    args = _train_args(data, data["train"], out, tiny_model_dir)
+    assert main([*args, "--device", device, "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert expected in _assert_one_error_line(captured.err)
+    _assert_nothing_left(out)
+
+
 def test_max_pairs_below_one_is_a_usage_error(
     data: dict[str, Path], short_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -205,7 +228,9 @@ def test_train_writes_adapter(trained: tuple[Path, Path, Path], tiny_model_dir: 
     adapter, doc = load_adapter(out, model_revision=model_revision(tiny_model_dir))
     assert adapter.config.hidden_size == 32 and adapter.config.rank == 8
     assert doc["training"]["train_pairs"] == 8
-    assert not (root / "cache").exists()  # --no-cache
+    # --no-cache: no memory was stored; the cache holds at most the recorded dtype choice.
+    cached = {p.name for p in (root / "cache").iterdir()} if (root / "cache").exists() else set()
+    assert cached <= {"dtype-choices.json"}
 
 
 def test_evaluate_json(
