@@ -26,7 +26,6 @@ from typing import Any
 from pydantic import ConfigDict, TypeAdapter, ValidationError, field_validator
 from pydantic.dataclasses import dataclass as validated_dataclass
 
-from pema.dtypes import check_device_name
 from pema.errors import PemaError
 from pema.settings import DTYPE_NAMES
 from proto.tls import read_pem
@@ -197,6 +196,8 @@ class CoordinatorConfig:
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if self.device is not None:
+            from pema.dtypes import check_device_name  # loads torch: not while parsing a CLI
+
             try:
                 check_device_name(self.device)
             except PemaError as e:

@@ -239,7 +239,9 @@ class CoordinatorServer:
         grace = self.config.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
         stopped = self.server.stop(grace)
-        drained = stopped.wait(grace)
+        # gRPC sets the event once it has cancelled what was left at the end of the grace: look
+        # just before, while the calls about to be cut off are still counted.
+        drained = stopped.wait(max(0.0, grace - 0.1))
         if not drained:
             cut = self.service.in_flight()
             log.warning(

@@ -21,7 +21,6 @@ from pema.argtypes import (
     positive_int,
 )
 from pema.data import read_pairs
-from pema.dtypes import resolve_device
 from pema.errors import PemaError
 from pema.settings import (
     ADAPTER_CONFIG,
@@ -106,6 +105,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _backend(args: argparse.Namespace) -> Backend:
     """The coordinator's model when --coordinator is given, else the model in this process."""
+    from pema.dtypes import resolve_device
     from tenant.backend import coordinator_backend, local_backend
     from tenant.coordinator_client import TlsOptions
 

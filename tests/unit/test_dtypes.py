@@ -27,7 +27,7 @@ from pema.dtypes import (
 )
 from pema.errors import PemaError
 from pema.memory import memory_spec
-from pema.models import CACHE_ENV
+from pema.settings import CACHE_ENV
 
 
 def test_named_dtypes_resolve_without_measuring() -> None:
