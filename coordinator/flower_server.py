@@ -210,6 +210,7 @@ class GroupedFedAvg(FedAvg):
         self.rows: dict[tuple[int, int], dict[str, Any]] = {}  # (round, node) -> row
         self.train_started: dict[int, float] = {}  # round -> when its train messages went out
         self.trained: dict[int, set[int]] = {}  # round -> nodes whose training succeeded
+        self.asked: dict[int, set[int]] = {}  # round -> nodes sent a train message
 
     def group_of(self, node: int) -> str:
         return self.tenants.get(self.identity.get(node, ""), "")
@@ -248,7 +249,9 @@ class GroupedFedAvg(FedAvg):
         self.train_started[server_round] = time.perf_counter()
         sample_nodes(grid, self.min_available_nodes, self.min_train_nodes)
         # Every registered tenant trains, not a sample: each round is every tenant's training.
-        return self._messages(server_round, config, self.known_nodes(grid), MessageType.TRAIN)
+        nodes = self.known_nodes(grid)
+        self.asked[server_round] = set(nodes)
+        return self._messages(server_round, config, nodes, MessageType.TRAIN)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -339,6 +342,16 @@ class GroupedFedAvg(FedAvg):
             group = row["group"]
             if group and node in self.members.get(group, set()) and ARRAYS in msg.content:
                 by_group.setdefault(group, []).append(msg.content)
+        for node in sorted(self.asked.get(server_round, set())):
+            if (server_round, node) not in self.rows:
+                # A tenant that died mid-round may get neither a reply nor the SuperLink's error
+                # for it before the round times out: its row says so instead of vanishing.
+                tenant = self.identity.get(node, f"node-{node}")
+                self.rows[(server_round, node)] = {
+                    "round": server_round, "node": node, "tenant": tenant,
+                    "group": self.group_of(node), "error": "train: no reply within the round",
+                }  # fmt: skip
+                log.warning("round %d: %s sent no train reply", server_round, tenant)
         for group, members in by_group.items():
             self.group_arrays[group] = aggregate_arrayrecords(members, self.weighted_by_key)
             log.info(
