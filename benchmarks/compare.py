@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pema.argtypes import positive_int
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPE = "float32"  # every method generates and trains in this dtype
 
@@ -575,13 +577,6 @@ def protocol_flags(p: Protocol) -> list[str]:
     return [f"--{k.replace('_', '-')}={getattr(p, k)}" for k in PROTOCOL_FLAGS]
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = Protocol("-")
     p = argparse.ArgumentParser(
@@ -630,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     for k in PROTOCOL_FLAGS[2:]:
         p.add_argument(
             f"--{k.replace('_', '-')}",
-            type=positive,
+            type=positive_int,
             default=getattr(d, k),
             help=f"{helps[k]} (default: %(default)s)",
         )
