@@ -285,53 +285,44 @@ def ensure_memory(p: Protocol, mode: str) -> dict[str, Any]:
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
-    """Train from the saved memories holding only what a tenant holds (head, adapter, memory),
-    read the peak RSS, then load the model to choose λ on the valid prefix and score test."""
+def train_from_memories(
+    p: Protocol,
+    fmt: Any,
+    adapter_settings: dict[str, Any],
+    train_settings: dict[str, Any],
+    memory_mode: str = "teacher-forced",
+    seed: int = 0,
+) -> tuple[Any, Any, Any, float]:
+    """Train one adapter under the protocol's budget (epochs, validation at epoch ends on the
+    stop rows, fp32 head) from the saved memories; returns the adapter, its training config,
+    its report and ρ."""
     import torch
 
     from pema.adapter import AdapterConfig, PemaAdapter
-    from pema.evaluation import pema_decoder
-    from pema.generation import Mixing
     from pema.head import LMHead, load_head
     from pema.memory import Memory
-    from pema.process import peak_rss_bytes
-    from pema.prompts import TASK_TEMPLATES, PromptFormat
     from pema.training import TrainConfig, train_adapter
-    from tenant.cli import BEST
 
     r = rows(p)
-    head = LMHead(load_head(_memory_path(p, "head", "all")))
-    train_mem = Memory.load(_memory_path(p, "train", method.memory_mode))
-    stop_mem = Memory.load(_memory_path(p, "stop", "teacher-forced"))
-    from transformers import AutoTokenizer
-
-    fmt = PromptFormat(AutoTokenizer.from_pretrained(_model_dir(p)), TASK_TEMPLATES[p.task])
     rho = _rho(fmt, r.train)
-    settings: dict[str, Any] = {
-        **{k: BEST[k] for k in ("variant", "rank", "key_norm", "kappa", "alpha", "dropout")
-           if k in BEST},
-        "lambda_max": BEST["lambda_max"],
-        "schedule": BEST["schedule"],
-        **method.adapter,
-    }  # fmt: skip
+    head = LMHead(load_head(_memory_path(p, "head", "all")))
+    train_mem = Memory.load(_memory_path(p, "train", memory_mode))
+    stop_mem = Memory.load(_memory_path(p, "stop", "teacher-forced"))
     config = AdapterConfig(
         hidden_size=head.hidden_size,
         rho=rho,
         template=fmt.template,
-        memory_mode=method.memory_mode,
-        **settings,
+        memory_mode=memory_mode,
+        **adapter_settings,
     )
     cfg = TrainConfig(
         **{
-            "lr": BEST["lr"],
-            "batch_size": BEST["batch_size"],
             "epochs": p.max_epochs,
             "rct_epochs": p.max_epochs,
             "eval_every": 10**9,  # validate at epoch ends only, as the peers do
             "seed": seed,
             "head_matmul_dtype": DTYPE,
-            **method.train,
+            **train_settings,
         }
     )
     torch.manual_seed(seed)
@@ -341,11 +332,37 @@ def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
         [fmt.prior_ids(x.source) for x in r.stop],
     )
     report = train_adapter(adapter, head, train_mem, stop_mem, cfg, sources=sources)
+    return adapter, cfg, report, rho
+
+
+def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
+    """Train from the saved memories holding only what a tenant holds (head, adapter, memory),
+    read the peak RSS, then load the model to choose λ on the valid prefix and score test."""
+    from transformers import AutoTokenizer
+
+    from pema.evaluation import pema_decoder
+    from pema.generation import Mixing
+    from pema.process import peak_rss_bytes
+    from pema.prompts import TASK_TEMPLATES, PromptFormat
+    from tenant.cli import BEST
+
+    r = rows(p)
+    fmt = PromptFormat(AutoTokenizer.from_pretrained(_model_dir(p)), TASK_TEMPLATES[p.task])
+    settings: dict[str, Any] = {
+        **{k: BEST[k] for k in ("variant", "rank", "key_norm", "kappa", "alpha", "dropout")
+           if k in BEST},
+        "lambda_max": BEST["lambda_max"],
+        "schedule": BEST["schedule"],
+        **method.adapter,
+    }  # fmt: skip
+    train = {"lr": BEST["lr"], "batch_size": BEST["batch_size"], **method.train}
+    adapter, cfg, report, rho = train_from_memories(
+        p, fmt, settings, train, method.memory_mode, seed
+    )
     peak = peak_rss_bytes()
     trainable = sum(
         x.numel() for x in adapter.parameters() if x.requires_grad and x is not adapter.B_rct
     )
-    del train_mem, stop_mem
     lm, _ = _frozen(p)
     mixings = method.mixings or (f"{BEST['schedule']}-{BEST['lambda_max']}",)
     select = {
@@ -368,7 +385,7 @@ def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
         "valid_memory": {k: round(v, 4) for k, v in report.valid.items()},
         "select": select,
         "chosen": chosen,
-        "config": {"adapter": asdict(config), "train": asdict(cfg)},
+        "config": {"adapter": asdict(adapter.config), "train": asdict(cfg)},
         "test": test,
     }
 

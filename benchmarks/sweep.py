@@ -19,16 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import (
-    DTYPE,
     RESULTS,
     Protocol,
     _frozen,
     _generate,
-    _memory_path,
     _rho,
     _setup_torch,
     ensure_memory,
     rows,
+    train_from_memories,
 )
 
 RESIDUAL = dict(variant="residual", key_norm="rms", kappa=0.0, rank=64, dropout=0.2)
@@ -70,45 +69,16 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
 
 
 def run_config(p: Protocol, name: str, lm: Any, tokenizer: Any) -> dict[str, Any]:
-    import torch
-
-    from pema.adapter import AdapterConfig, PemaAdapter
     from pema.evaluation import pema_decoder
     from pema.generation import Mixing
-    from pema.head import LMHead, load_head
-    from pema.memory import Memory
     from pema.prompts import TASK_TEMPLATES, PromptFormat
-    from pema.training import TrainConfig, train_adapter
 
     adapter_settings, train_settings, mixings = CONFIGS[name]
     r = rows(p)
     fmt = PromptFormat(tokenizer, TASK_TEMPLATES[p.task])
-    rho = _rho(fmt, r.train)
-    head = LMHead(load_head(_memory_path(p, "head", "all")))
-    train_mem = Memory.load(_memory_path(p, "train", "teacher-forced"))
-    stop_mem = Memory.load(_memory_path(p, "stop", "teacher-forced"))
-    config = AdapterConfig(
-        hidden_size=head.hidden_size, rho=rho, template=fmt.template, **adapter_settings
+    adapter, cfg, report, rho = train_from_memories(
+        p, fmt, adapter_settings, {"lr": 1e-3, "batch_size": 256, **train_settings}
     )
-    cfg = TrainConfig(
-        **{
-            "lr": 1e-3,
-            "batch_size": 256,
-            "epochs": p.max_epochs,
-            "rct_epochs": p.max_epochs,
-            "eval_every": 10**9,
-            "seed": 0,
-            "head_matmul_dtype": DTYPE,
-            **train_settings,
-        }
-    )
-    torch.manual_seed(0)
-    adapter = PemaAdapter(config)
-    sources = (
-        [fmt.prior_ids(x.source) for x in r.train],
-        [fmt.prior_ids(x.source) for x in r.stop],
-    )
-    report = train_adapter(adapter, head, train_mem, stop_mem, cfg, sources=sources)
     valid = {}
     for m in mixings:
         g = _generate(pema_decoder(lm, adapter, Mixing.parse(m)), fmt, r.select, rho, p)
