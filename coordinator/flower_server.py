@@ -50,6 +50,7 @@ from tenant.federation import (
     RunConfig,
     TenantsFile,
     drop_disallowed,
+    plain_flower_logs,
     validated,
 )
 
@@ -403,6 +404,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 app = ServerApp()
+plain_flower_logs()
 
 
 @app.main()

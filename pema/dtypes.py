@@ -19,13 +19,13 @@ import json
 import os
 import platform
 import re
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from pema.errors import PemaError
+from pema.files import atomic_file
 from pema.process import median_time
 
 DTYPES = {
@@ -127,11 +127,8 @@ def recorded_cpu_dtype(
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".dtype-", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(choices, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(choices, indent=2, sort_keys=True))
     except OSError:
         pass  # a read-only cache: the choice holds for this process only
     return picked

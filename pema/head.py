@@ -6,7 +6,6 @@ last-layer hidden state f(c). The head is all a tenant holds of the model.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pema.errors import ModelError
+from pema.files import atomic_file
 
 # Attribute paths of the final norm in common decoder-only architectures.
 _FINAL_NORM_PATHS = (
@@ -228,8 +228,6 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
 def save_head(spec: HeadSpec, path: str | Path) -> None:
     """Write a head atomically as safetensors, its scalar settings in the metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"norm_weight": spec.norm_weight, "weight": spec.weight}
     if spec.norm_bias is not None:
         tensors["norm_bias"] = spec.norm_bias
@@ -241,9 +239,8 @@ def save_head(spec: HeadSpec, path: str | Path) -> None:
         "norm_weight_offset": repr(spec.norm_weight_offset),
         "softcap": repr(spec.softcap or 0.0),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 def load_head(path: str | Path) -> HeadSpec:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import Tensor
 from pema.backbone import Backbone, EncodeItem, MemoryMode, ModelInfo
 from pema.data import Pair, dataset_fingerprint
 from pema.errors import DataError, MemoryFormatError
+from pema.files import atomic_file
 
 FP16_MAX = 65504.0
 
@@ -100,18 +100,19 @@ class Memory:
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a reader sees the old file or the whole new one, never half."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {
-                "keys": self.keys.contiguous(),
-                "targets": self.targets.contiguous(),
-                "offsets": self.offsets,
-            },
-            str(tmp),
-            metadata={"spec": json.dumps(asdict(self.spec)), "fingerprint": self.fingerprint()},
-        )
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(
+                {
+                    "keys": self.keys.contiguous(),
+                    "targets": self.targets.contiguous(),
+                    "offsets": self.offsets,
+                },
+                str(tmp),
+                metadata={
+                    "spec": json.dumps(asdict(self.spec)),
+                    "fingerprint": self.fingerprint(),
+                },
+            )
 
     @classmethod
     def load(cls, path: str | Path, expect: MemorySpec | None = None) -> Memory:

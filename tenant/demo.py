@@ -19,6 +19,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -26,6 +27,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -33,12 +35,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import redis
 
 from coordinator.config import hash_token
-from pema.data import Pair, read_pairs, shared_data_dir
+from pema.data import Pair, read_pairs, shared_data_dir, write_pairs
 from pema.models import default_model_dir
 from pema.prompts import TASK_TEMPLATES
 from tenant.federation import MEMORY_MODES
@@ -47,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DATA = shared_data_dir()
 REDIS_URL = "redis://127.0.0.1:6379/0"
+# Flower's own processes colour their log lines unconditionally; the files we write stay plain.
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 T = TypeVar("T")
 
 
@@ -95,26 +99,41 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def copy_plain(source: IO[str], out: IO[str]) -> None:
+    """Copy a process's output into its log line by line (readers poll the file), uncoloured."""
+    with out:
+        for line in source:
+            out.write(ANSI.sub("", line))
+            out.flush()
+
+
 class Processes:
     """Started processes, each in its own session: stopping one stops the children it started
     (ServerApp and ClientApp processes) too."""
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[subprocess.Popen[str]] = []
 
     def start(
         self, name: str, args: list[str], env: dict[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
+    ) -> subprocess.Popen[str]:
         self.logs.mkdir(parents=True, exist_ok=True)
-        with (self.logs / f"{name}.log").open("wb") as log:
-            proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+        proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            text=True,
+            errors="replace",
+        )
+        out = (self.logs / f"{name}.log").open("w")
+        threading.Thread(target=copy_plain, args=(proc.stdout, out), daemon=True).start()
         self.procs.append(proc)
         return proc
 
-    def crash(self, proc: subprocess.Popen[bytes]) -> None:
+    def crash(self, proc: subprocess.Popen[str]) -> None:
         """SIGKILL a process and its group, as a machine failure would."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -280,7 +299,7 @@ class Federation:
             )
         self.registered.add(tenant)
 
-    def start_node(self, name: str, node_config: dict[str, Any]) -> subprocess.Popen[bytes]:
+    def start_node(self, name: str, node_config: dict[str, Any]) -> subprocess.Popen[str]:
         """A SuperNode for one tenant, with its own key (made on first use); not waited for."""
         text = " ".join(
             f"{k}={v}" if isinstance(v, int | float) else f'{k}="{v}"'
@@ -301,7 +320,7 @@ class Federation:
 
     def add_node(
         self, name: str, node_config: dict[str, Any], group: str | None = None
-    ) -> subprocess.Popen[bytes]:
+    ) -> subprocess.Popen[str]:
         """Register a tenant (its group: `group`, else what its node config opts into) and start
         its SuperNode; returns once the SuperLink has accepted the node, so that a run started
         afterwards includes it from round 1 (also when min-nodes lets it start without it)."""
@@ -310,7 +329,7 @@ class Federation:
         opted = str(node_config.get("aggregation-group", ""))
         self.register(tenant, opted if group is None else group)
         log = self.procs.logs / f"supernode-{name}.log"
-        procs: list[subprocess.Popen[bytes]] = []
+        procs: list[subprocess.Popen[str]] = []
 
         def registered() -> bool:
             if not procs or procs[-1].poll() is not None:
@@ -362,7 +381,8 @@ class Federation:
             try:
                 assert proc.stdout is not None
                 deadline = time.monotonic() + timeout
-                for line in proc.stdout:
+                for raw in proc.stdout:
+                    line = ANSI.sub("", raw)
                     out.write(line)
                     if on_line is not None:
                         on_line(line)
@@ -383,15 +403,6 @@ class Federation:
 
 def read_rows(table: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in table.with_suffix(".jsonl").read_text().splitlines()]
-
-
-def write_pairs(path: Path, pairs: list[Pair]) -> Path:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(["source", "target"])
-        for p in pairs:
-            w.writerow([p.source, p.target])
-    return path
 
 
 def book_slice(tsv: Path, book: str, n: int) -> list[Pair]:

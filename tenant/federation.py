@@ -13,9 +13,11 @@ Imports stay light (no torch): the ServerApp imports this module too.
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Literal, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.logger import update_console_handler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pema.errors import PemaError
@@ -27,6 +29,13 @@ METRICS = "metrics"  # RecordDict key of the reply's numbers
 AGGREGATIONS = ("none", "fedavg")
 MEMORY_MODES = ("teacher-forced", "free-running")
 GROUP_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def plain_flower_logs() -> None:
+    """Flower colours its console lines unconditionally; in pod logs and files the escape codes are
+    noise, so colour stays on only for a terminal."""
+    update_console_handler(colored=sys.stderr.isatty())
+
 
 # Numbers a train reply may carry: counts, losses, timings, peak memory.
 TRAIN_METRICS = frozenset(

@@ -51,6 +51,7 @@ from tenant.federation import (
     METRICS,
     RunConfig,
     error_reason,
+    plain_flower_logs,
     reply_violations,
     validated,
 )
@@ -100,6 +101,8 @@ class NodeConfig(BaseModel):
     # a request may wait behind others' for a while on a small machine.
     coordinator_timeout: float = Field(600.0, alias="coordinator-timeout", gt=0)
     encode_request_tokens: int = Field(4096, alias="encode-request-tokens", ge=1)
+    # How long to keep retrying an unavailable coordinator (a restart mid-round); 0: fail at once.
+    coordinator_retry_seconds: float = Field(120.0, alias="coordinator-retry-seconds", ge=0)
     # Where evaluate writes its sample generations (JSON Lines, on the tenant only); default
     # `<adapter-dir>.samples.jsonl`.
     sample_log: Path | None = Field(None, alias="sample-log")
@@ -178,6 +181,7 @@ def make_backend(node: NodeConfig) -> Backend:
             node.coordinator_tls(),
             timeout=node.coordinator_timeout,
             max_request_tokens=node.encode_request_tokens,
+            retry_seconds=node.coordinator_retry_seconds,
         )
     return local_backend(node.model or None)
 
@@ -250,6 +254,7 @@ def _private_errors(phase: str) -> Callable[[Handler], Handler]:
 
 
 app = ClientApp()
+plain_flower_logs()
 
 
 @app.train()

@@ -188,6 +188,9 @@ def test_two_tenants_two_rounds(services: Services, aggregation: str) -> None:
     entries = assert_only_allowed(run_dir / "audit.jsonl", aggregation, private)
     assert len(entries) == 2 * 2 * ROUNDS  # train + evaluate, two tenants, every round
     assert_absent(private, table, table.with_suffix(".jsonl"), run_dir / "flwr-rounds.log")
+    # The run's logs (SuperLink, SuperNodes, `flwr run`) are plain text, without colour codes.
+    logs = [run_dir / "flwr-rounds.log", *(run_dir / "logs").glob("*.log")]
+    assert len(logs) >= 4 and all("\x1b[" not in p.read_text() for p in logs)
     adapters = [run_dir / "adapters" / t for t in tenants]
     assert all((a / WEIGHTS_FILE).is_file() for a in adapters)
     a, b = (weights(d) for d in adapters)

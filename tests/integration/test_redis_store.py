@@ -3,6 +3,7 @@ shares its shard mechanism). Every test uses its own tenant ids and deletes its 
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 import urllib.request
@@ -355,3 +356,34 @@ def test_redis_down_at_start(
     assert run(backend, pairs, store, tenant)[0].cache_hit
     assert list(client.scan_iter(match=f"pema:{tenant}:*")) == []
     assert (tmp_path / tenant / first.memory.spec.address / "manifest").is_file()
+
+
+def test_cache_list_and_clear_reach_redis(
+    backend: Backend,
+    pairs: list[Pair],
+    tenant: str,
+    client: redis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tenant.cli import main
+
+    monkeypatch.setenv("PEMA_CACHE_DIR", str(tmp_path / "cache"))  # an empty disk cache
+    store = RedisMemoryStore.connect(REDIS_URL, shard_pairs=SHARD_PAIRS)
+    fresh, _ = run(backend, pairs, store, tenant)
+    assert main(["cache", "list", "--redis-url", REDIS_URL, "--tenant", tenant, "--json"]) == 0
+    (entry,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert entry["tenant"] == tenant and entry["complete"] and entry["pairs"] == N_PAIRS
+    assert entry["address"] == fresh.memory.spec.address and entry["bytes"] > 0
+    assert entry["location"].startswith("redis")
+    assert main(["cache", "list", "--redis-url", REDIS_URL, "--tenant", tenant]) == 0
+    assert "1 memories" in capsys.readouterr().out
+    assert main(["cache", "clear", "--redis-url", REDIS_URL, "--tenant", tenant]) == 0
+    assert "deleted 1 cached memories" in capsys.readouterr().out
+    assert not list(client.scan_iter(match=f"pema:{tenant}:*"))
+    # A Redis that does not answer is one line and exit 2, not a traceback.
+    dead = f"redis://127.0.0.1:{_dead_port()}/0"
+    assert main(["cache", "list", "--redis-url", dead]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err

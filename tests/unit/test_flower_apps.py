@@ -45,6 +45,36 @@ def test_node_config_rejects_unknown_keys_and_bad_values_naming_the_key(
         NodeConfig.from_context(context({**NODE, **extra}))
 
 
+def test_the_coordinator_retry_budget_is_a_node_config_key_that_reaches_the_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tenant.flower_client as client
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(client, "coordinator_backend", lambda *a, **kw: seen.update(kw))
+    node = {**NODE, "coordinator": "127.0.0.1:1", "coordinator-retry-seconds": 7.5}
+    client.make_backend(NodeConfig.from_context(context(node)))
+    assert seen["retry_seconds"] == 7.5
+    with pytest.raises(PemaError, match="'coordinator-retry-seconds'"):
+        NodeConfig.from_context(context({**node, "coordinator-retry-seconds": -1}))
+
+
+def test_flower_log_lines_carry_no_colour_codes_outside_a_terminal() -> None:
+    import logging
+    import sys
+
+    from flwr.common.logger import ConsoleHandler
+
+    from tenant.federation import plain_flower_logs
+
+    plain_flower_logs()  # pytest's captured stderr is not a terminal
+    assert not sys.stderr.isatty()
+    handlers = [h for h in logging.getLogger("flwr").handlers if isinstance(h, ConsoleHandler)]
+    assert handlers
+    record = logging.LogRecord("flwr", logging.INFO, __file__, 1, "round 1", None, None)
+    assert all("\x1b" not in h.format(record) for h in handlers)
+
+
 def test_node_config_names_a_missing_key() -> None:
     with pytest.raises(PemaError, match="'adapter-dir'"):
         NodeConfig.from_context(context({k: v for k, v in NODE.items() if k != "adapter-dir"}))

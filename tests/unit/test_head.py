@@ -109,6 +109,19 @@ def test_head_save_load_round_trip(tmp_path: Path) -> None:
         load_head(tmp_path / "bad.safetensors")
 
 
+def test_concurrent_writers_of_one_head_each_finish_and_leave_one_whole_file(
+    tmp_path: Path,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = _spec(kind="layer", bias=True, softcap=30.0)
+    path = tmp_path / "heads" / "rev.safetensors"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: save_head(spec, path), range(32)))  # raises if one failed
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporaries left
+    torch.testing.assert_close(load_head(path).weight, spec.weight, rtol=0, atol=0)
+
+
 def test_head_rejects_inconsistent_shapes() -> None:
     spec = _spec()
     spec.norm_weight = torch.ones(5)
