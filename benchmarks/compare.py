@@ -457,8 +457,14 @@ def baseline_cell(p: Protocol, method: Method) -> dict[str, Any]:
 
     r = rows(p)
     if method.kind == "copy":
-        hyps = [x.source for x in r.test]
-        return {"test": {**score(hyps, [x.target for x in r.test]), "outputs": hyps}}
+        copied = {
+            split: {**score([x.source for x in got], [x.target for x in got])}
+            for split, got in (("select", r.select), ("test", r.test))
+        }
+        return {
+            "select": {"-": copied["select"]},
+            "test": {**copied["test"], "outputs": [x.source for x in r.test]},
+        }
     from pema.prompts import TASK_TEMPLATES, PromptFormat
 
     lm, tokenizer = _frozen(p)
@@ -514,8 +520,22 @@ class Store:
         return entry
 
     def save(self) -> None:
+        """Write, keeping cells another run added to the file meanwhile (the file's copy of a
+        cell wins: this run only adds cells it finished)."""
+        from pema.files import atomic_file
+
+        disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        for task, entry in disk.items():
+            mine = self.doc.get(task)
+            if task == "machine":
+                continue
+            if mine is None:
+                self.doc[task] = entry
+            elif mine["protocol"] == entry["protocol"]:
+                mine["cells"] = {**mine["cells"], **entry["cells"]}
         self.doc["machine"] = machine()
-        self.path.write_text(json.dumps(self.doc, indent=1, ensure_ascii=False) + "\n")
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps(self.doc, indent=1, ensure_ascii=False) + "\n")
 
 
 def machine() -> dict[str, Any]:

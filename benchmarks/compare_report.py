@@ -49,6 +49,13 @@ def task_rows(entry: dict[str, Any], refs: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def valid_chrf(cell: dict[str, Any]) -> float | None:
+    """The chrF on the valid prefix of the setting the cell chose there (None: not recorded)."""
+    select = cell.get("select", {})
+    chosen = select.get(cell.get("chosen", "-"))
+    return None if chosen is None else float(chosen["chrf"])
+
+
 def error_analysis(outputs: list[str], pairs: list[Any]) -> dict[str, int]:
     """Where an output loses to copying its source (sentence chrF), why, by counts: run-on
     (over 1.5x the reference's words), cut short (under half), off the source (most words in
@@ -121,9 +128,9 @@ def write_report(doc: dict[str, Any], folder: Path) -> None:
             "Δ chrF: paired bootstrap (1,000 resamples of the test rows), 95% interval; n.s. = "
             "the interval contains 0.",
             "",
-            "| method | seed | epochs (best) | train s | peak RSS MiB | trainable | BLEU | chrF "
-            "| Δ chrF vs untuned | Δ chrF vs LoRA |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+            "| method | seed | epochs (best) | train s | peak RSS MiB | trainable "
+            "| valid-prefix chrF | BLEU | chrF | Δ chrF vs untuned | Δ chrF vs LoRA |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for r in task_rows(entry, refs):
             epochs = r.get("epochs_run")
@@ -133,7 +140,7 @@ def write_report(doc: dict[str, Any], folder: Path) -> None:
                 f"| {r['seed'] if METHODS[r['method']].seeded else ''} "
                 f"| {_num(epochs)}{f' ({best})' if best else ''} | {_num(r.get('train_seconds'))} "
                 f"| {_num(r.get('peak_rss_mib'))} | {_num(r.get('trainable_params'), ',')} "
-                f"| {r['test']['bleu']:.1f} | {r['test']['chrf']:.1f} "
+                f"| {_num(valid_chrf(r), '.1f')} | {r['test']['bleu']:.1f} | {r['test']['chrf']:.1f} "
                 f"| {_interval(r['vs_untuned']) if 'vs_untuned' in r else ''} "
                 f"| {_interval(r['vs_lora']) if 'vs_lora' in r else ''} |"
             )

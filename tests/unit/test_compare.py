@@ -147,3 +147,17 @@ def test_error_analysis_counts_why_outputs_lose_to_copying() -> None:
         "off_source": 1,
         "substitutions": 0,
     }
+
+
+def test_two_runs_saving_one_results_file_keep_each_others_cells(tmp_path: Path) -> None:
+    from benchmarks.compare import Store
+
+    path = tmp_path / "compare.json"
+    p = Protocol("kjv_web")
+    first, second = Store(path), Store(path)  # both read the file before either wrote
+    first.task(p)["cells"]["copy"] = {"test": {"chrf": 1.0}}
+    first.save()
+    second.task(p)["cells"]["untuned"] = {"test": {"chrf": 2.0}}
+    second.save()
+    assert set(Store(path).task(p)["cells"]) == {"copy", "untuned"}
+    assert [f.name for f in tmp_path.iterdir()] == ["compare.json"]  # no temporaries left
