@@ -37,6 +37,8 @@ DP_TRAIN = {"dp_epsilon": 8.0, "lr": 1e-2, "dp_batch_pairs": 128, "epochs": 4}
 CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
     "residual-r64": (RESIDUAL, {}, ["constant-0.25", "constant-1.0"]),
     "prior3-untrained": ({**RESIDUAL, "source_prior": 3.0}, {"epochs": 0}, ["constant-1.0"]),
+    "prior2-untrained": ({**RESIDUAL, "source_prior": 2.0}, {"epochs": 0}, ["constant-1.0"]),
+    "prior5-untrained": ({**RESIDUAL, "source_prior": 5.0}, {"epochs": 0}, ["constant-1.0"]),
     "prior3-r64": (
         {**RESIDUAL, "source_prior": 3.0},
         {},
