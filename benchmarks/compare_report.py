@@ -31,13 +31,17 @@ def matched(cells: dict[str, Any]) -> tuple[str | None, list[str]]:
 
 
 def task_rows(entry: dict[str, Any], refs: list[str]) -> list[dict[str, Any]]:
+    """The table's rows in the harness's method order, each with its intervals."""
+    from benchmarks.compare import METHODS
+
     cells = entry["cells"]
     _, mismatched = matched(cells)
     untuned = cells.get("untuned", {}).get("test", {}).get("outputs")
     lora_key = next((k for k in sorted(cells) if k.startswith("lora/seed")), None)
     lora = cells[lora_key]["test"]["outputs"] if lora_key else None
     out = []
-    for key, c in cells.items():
+    order = list(METHODS)
+    for key, c in sorted(cells.items(), key=lambda kc: (order.index(kc[1]["method"]), kc[0])):
         if key in mismatched:
             continue
         hyps = c["test"]["outputs"]
@@ -47,6 +51,11 @@ def task_rows(entry: dict[str, Any], refs: list[str]) -> list[dict[str, Any]]:
                 row[name] = paired_bootstrap(hyps, base, refs)
         out.append(row)
     return out
+
+
+def trained_params(cell: dict[str, Any]) -> int | None:
+    """Parameters training changed: none where it took no step (the untrained prior)."""
+    return 0 if cell.get("steps") == 0 else cell.get("trainable_params")
 
 
 def valid_chrf(cell: dict[str, Any]) -> float | None:
@@ -128,7 +137,7 @@ def write_report(doc: dict[str, Any], folder: Path) -> None:
             "Δ chrF: paired bootstrap (1,000 resamples of the test rows), 95% interval; n.s. = "
             "the interval contains 0.",
             "",
-            "| method | seed | epochs (best) | train s | peak RSS MiB | trainable "
+            "| method | seed | epochs (best) | train s | peak RSS MiB | trained params "
             "| valid-prefix chrF | BLEU | chrF | Δ chrF vs untuned | Δ chrF vs LoRA |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         ]
@@ -139,7 +148,7 @@ def write_report(doc: dict[str, Any], folder: Path) -> None:
                 f"| {r['label']}{' (λ ' + r['chosen'] + ')' if r.get('chosen') else ''} "
                 f"| {r['seed'] if METHODS[r['method']].seeded else ''} "
                 f"| {_num(epochs)}{f' ({best})' if best else ''} | {_num(r.get('train_seconds'))} "
-                f"| {_num(r.get('peak_rss_mib'))} | {_num(r.get('trainable_params'), ',')} "
+                f"| {_num(r.get('peak_rss_mib'))} | {_num(trained_params(r), ',')} "
                 f"| {_num(valid_chrf(r), '.1f')} | {r['test']['bleu']:.1f} | {r['test']['chrf']:.1f} "
                 f"| {_interval(r['vs_untuned']) if 'vs_untuned' in r else ''} "
                 f"| {_interval(r['vs_lora']) if 'vs_lora' in r else ''} |"
