@@ -26,12 +26,13 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pema.errors import PemaError
 from tenant.federation import error_reason
 from tenant.worker_link import (
     HANDSHAKE_SECONDS,
+    Arrays,
     Job,
     StepResult,
     WorkerBusy,
@@ -158,22 +159,24 @@ class Worker:
             log.warning("refused a %s step: another step is running", job.phase)
             send(conn, {"error": error_reason(job.phase, WorkerBusy())})
             return
+        started, loads = time.perf_counter(), self.warm.loads
+        answer: dict[str, Any]
+        arrays: Arrays | None = None
         try:
-            started, loads = time.perf_counter(), self.warm.loads
-            try:
-                result = self.run(job, self.warm)
-            except Exception as e:
-                # The whole error stays in this log; the ClientApp gets the phase and class only.
-                log.exception("round %d: %s step failed", job.server_round, job.phase)
-                send(conn, {"error": error_reason(job.phase, e)})
-                return
+            result = self.run(job, self.warm)
+        except Exception as e:
+            # The whole error stays in this log; the ClientApp gets the phase and class only.
+            log.exception("round %d: %s step failed", job.server_round, job.phase)
+            answer = {"error": error_reason(job.phase, e)}
+        else:
             log.info(
                 "round %d: %s step in %.2f s, %d loads", job.server_round, job.phase,
                 time.perf_counter() - started, self.warm.loads - loads,
             )  # fmt: skip
-            send(conn, {"metrics": result.metrics, "info": result.info}, result.arrays)
+            answer, arrays = {"metrics": result.metrics, "info": result.info}, result.arrays
         finally:
-            self.busy.release()
+            self.busy.release()  # the step is over: the next may start while this one answers
+        send(conn, answer, arrays)
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:

@@ -147,10 +147,10 @@ spec:
             grpc: {{port: 8081}}
             periodSeconds: 20
             failureThreshold: 6
-          # The SuperNode, its SuperExec and a short-lived ClientApp that does not load torch.
+          # The SuperNode (~140 MB), its SuperExec (~130 MB) and a ClientApp without torch (~80 MB).
           resources:
-            requests: {{cpu: 100m, memory: 384Mi}}
-            limits: {{cpu: "1", memory: 768Mi}}
+            requests: {{cpu: 100m, memory: 512Mi}}
+            limits: {{cpu: "1", memory: 1Gi}}
           securityContext:
             runAsNonRoot: true
             allowPrivilegeEscalation: false
