@@ -178,9 +178,9 @@ def summarize(fed: dict[str, list[dict]], local: list[dict[str, float]]) -> dict
             "process": median["process"] - median["local"],
             "worker": median["worker"] - median["local"],
         },
-        # What each worker step loaded (head and tokenizer, memories): round 1, then later rounds.
-        "worker_state_loads": by_round(fed["worker"], "state-loads"),
-        "process_state_loads": by_round(fed["cached"], "state-loads"),
+        # What each train step loaded (head and tokenizer, memories), round by round.
+        "worker_state_loads": [int(x) for x in by_round(fed["worker"], "state-loads")],
+        "process_state_loads": [int(x) for x in by_round(fed["cached"], "state-loads")],
     }
 
 
