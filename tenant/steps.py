@@ -163,22 +163,6 @@ def make_backend(node: NodeConfig) -> Backend:
     return local_backend(node.model or None)
 
 
-# The node config keys make_backend reads: a warm backend serves a step that agrees on them all.
-BACKEND_KEYS = frozenset(
-    {
-        "coordinator",
-        "token",
-        "model",
-        "coordinator_timeout",
-        "encode_request_tokens",
-        "coordinator_retry_seconds",
-        "coordinator_tls_ca",
-        "coordinator_tls_cert",
-        "coordinator_tls_key",
-    }
-)
-
-
 class Warm:
     """What the tenant's worker keeps between steps: the backend (the coordinator's connection,
     the model's head and tokenizer, or a local model) and the memories it used last. A step in the
@@ -187,7 +171,9 @@ class Warm:
 
     def __init__(self, memory_slots: int = 4) -> None:
         self.memories = MemoryCache(memory_slots)
-        self._backend: tuple[dict[str, Any], Backend] | None = None
+        # With the node config it was made for: the SuperNode's never changes while it runs, and
+        # any change (another coordinator, token, model) makes the backend anew.
+        self._backend: tuple[NodeConfig, Backend] | None = None
         self._backend_loads = 0
 
     @property
@@ -195,16 +181,15 @@ class Warm:
         return self._backend_loads + self.memories.misses
 
     def backend(self, node: NodeConfig) -> Backend:
-        key = node.model_dump(include=set(BACKEND_KEYS))
         if self._backend is not None:
-            held_key, held = self._backend
-            if held_key == key and _serves_same_model(held):
+            made_for, held = self._backend
+            if made_for == node and _serves_same_model(held):
                 return held
             if isinstance(held.backbone, CoordinatorBackbone):
                 held.backbone.client.close()
             self._backend = None
         backend = make_backend(node)
-        self._backend = (key, backend)
+        self._backend = (node, backend)
         self._backend_loads += 1
         return backend
 

@@ -12,9 +12,11 @@ library's multiprocessing.connection frames the messages and authenticates both 
 writes a fresh random key next to its socket (0600) when it starts, and each side proves that it
 holds the key (an HMAC challenge) before anything else is read. Messages are a JSON header plus
 arrays in NumPy's .npy format, loaded with allow_pickle=False: nothing received is unpickled, and
-a ClientApp from a newer FAB and an older worker still understand each other's fields. Every wait
-has a deadline: a worker that is down, dies or hangs fails the step with a short reason instead of
-stalling the round.
+a ClientApp (from the run's FAB) and a worker (from the installed package) of different versions
+fail with ProtocolMismatch rather than misread each other. Every wait has a deadline: a worker
+that is down, dies or hangs fails the step with a short reason instead of stalling the round.
+This is the standard library and a few lines; a gRPC service would add generated stubs and a
+server for one local caller, and its deadlines are no simpler.
 
 This module imports no torch: in worker mode the ClientApp process never loads it.
 """
