@@ -136,7 +136,7 @@ class Worker:
         try:
             with sock:  # closed here unless `secure` took it over
                 conn = secure(sock, self.key, server=True)
-        except EOFError:
+        except (EOFError, BrokenPipeError, ConnectionResetError):
             log.debug("a connection closed before authenticating (a readiness check)")
             return
         except (OSError, AuthenticationError) as e:

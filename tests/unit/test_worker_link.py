@@ -5,6 +5,7 @@ the private socket folder, and a ClientApp import without torch."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -121,6 +122,18 @@ def test_a_wrong_key_is_refused(sock: Path, tmp_path: Path) -> None:
     key_path(other).write_bytes(b"not the key")
     with pytest.raises(WorkerUnavailable, match="AuthenticationError"):
         ask_worker(WorkerLink(socket=other, connect_seconds=0), job("ok"))
+
+
+def test_a_readiness_check_that_connects_and_leaves_is_no_warning(
+    sock: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.connect(str(sock))  # as the demo's start_worker does
+    time.sleep(0.5)
+    # (Other tests' steps may still answer meanwhile: only the probe's own record counts.)
+    refused = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert not [r for r in refused if r.levelno >= logging.WARNING], caplog.text
+    assert ask_worker(WorkerLink(socket=sock), job("ok")).metrics["round"] == 2
 
 
 def test_no_worker_is_a_clear_error_within_the_connect_window(tmp_path: Path) -> None:
