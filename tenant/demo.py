@@ -4,11 +4,11 @@ The coordinator serves the default model; a SuperLink and three SuperNodes run t
 two tenants rewrite KJV into modern English on different books and average their adapters
 (aggregation group "kjv"), a third rewrites modern English into King James English and keeps its
 adapter private. Each tenant runs its steps in a long-lived worker next to its SuperNode
-(`pema-tenant worker`), as its pod does. The federation runs as in production: TLS, SuperNodes authenticated by
-per-tenant keys, groups assigned by the operator, replies limited to numbers. It prints the
-per-round table, each tenant's BLEU/chrF before and after with sample generations (read from each
-tenant's own sample log) and the PromQL figures. Every process it starts is stopped on exit,
-Ctrl-C or failure.
+(`pema-tenant worker`), as its pod does. The federation runs as in production: TLS, SuperNodes
+authenticated by per-tenant keys, groups assigned by the operator, replies limited to numbers.
+It prints the per-round table, each tenant's BLEU/chrF before and after with sample generations
+(read from each tenant's own sample log) and the PromQL figures. Every process it starts is
+stopped on exit, Ctrl-C or failure.
 
 The process helpers here also serve the integration tests (tests/integration/test_federation.py).
 """
