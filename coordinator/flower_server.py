@@ -301,6 +301,8 @@ class GroupedFedAvg(FedAvg):
             # One row per tenant and round: the sample size must not hide the training pairs.
             metrics["eval-examples"] = metrics.pop("num-examples", 0)
             metrics["eval-seconds"] = metrics.pop("seconds", 0.0)
+            if "state-loads" in metrics:
+                metrics["eval-state-loads"] = metrics.pop("state-loads")
         row.update(metrics)
         if "peak-train-memory-bytes" in metrics:
             row["peak-train-memory-MB"] = metrics["peak-train-memory-bytes"] / 2**20

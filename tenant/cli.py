@@ -274,6 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
     ad = asub.add_parser("delete", help="delete adapter folders")
     ad.add_argument("paths", nargs="+", type=Path, help="adapter folders")
 
+    w = sub.add_parser(
+        "worker",
+        help="serve the tenant's Flower ClientApp steps from one long-lived process",
+        description="Run train and evaluate steps for the tenant's ClientApp (node config "
+        "`worker-socket` = --socket) with torch, the model's head and tokenizer and the memories "
+        "kept loaded between rounds. Serves until SIGTERM or Ctrl-C; one step at a time.",
+    )
+    w.add_argument(
+        "--socket",
+        type=Path,
+        required=True,
+        help="Unix socket to serve on (required); its folder is created private (0700), or "
+        "must be, and the key the ClientApp authenticates with is written next to it",
+    )
+    w.add_argument(
+        "--memory-slots",
+        type=positive_int,
+        default=4,
+        help="memories kept in RAM between steps, the most recently used (a tenant uses two)",
+    )
+
     c = sub.add_parser("cache", help="list or clear cached memories (disk and Redis)")
     csub = c.add_subparsers(dest="action", required=True)
     for name, helptext in (
@@ -455,12 +476,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from tenant.worker import claim_socket, serve
+
+    claim_socket(args.socket)  # a bad folder answers at once, before torch loads
+    return serve(args.socket, args.memory_slots)
+
+
 COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "generate": cmd_generate,
     "adapters": cmd_adapters,
     "cache": cmd_cache,
+    "worker": cmd_worker,
 }
 
 

@@ -3,11 +3,12 @@
 The coordinator serves the default model; a SuperLink and three SuperNodes run the Flower app:
 two tenants rewrite KJV into modern English on different books and average their adapters
 (aggregation group "kjv"), a third rewrites modern English into King James English and keeps its
-adapter private. The federation runs as in production: TLS, SuperNodes authenticated by
-per-tenant keys, groups assigned by the operator, replies limited to numbers. It prints the
-per-round table, each tenant's BLEU/chrF before and after with sample generations (read from each
-tenant's own sample log) and the PromQL figures. Every process it starts is stopped on exit,
-Ctrl-C or failure.
+adapter private. Each tenant runs its steps in a long-lived worker next to its SuperNode
+(`pema-tenant worker`), as its pod does. The federation runs as in production: TLS, SuperNodes
+authenticated by per-tenant keys, groups assigned by the operator, replies limited to numbers.
+It prints the per-round table, each tenant's BLEU/chrF before and after with sample generations
+(read from each tenant's own sample log) and the PromQL figures. Every process it starts is
+stopped on exit, Ctrl-C or failure.
 
 The process helpers here also serve the integration tests (tests/integration/test_federation.py).
 """
@@ -178,6 +179,28 @@ def start_coordinator(
 
     wait_for(ready, "the coordinator", timeout=300)
     return f"127.0.0.1:{port}", url
+
+
+def start_worker(procs: Processes, name: str, sock: Path) -> Path:
+    """`pema-tenant worker` on `sock` (tenant/worker.py), as each tenant pod runs one next to its
+    SuperNode; returns `sock` once the worker serves there (it loads torch first: seconds)."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    args = [str(BIN / "pema-tenant"), "worker", "--socket", str(sock)]
+    proc = procs.start(f"worker-{name}", args, env)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the worker of {name} exited; see {procs.logs}/worker-{name}.log")
+        # Accepting connections: a socket file alone may be one a killed worker left behind.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(sock))
+            except OSError:
+                return False
+        return True
+
+    wait_for(ready, f"the worker of {name}")
+    return sock
 
 
 @dataclass(frozen=True)
@@ -583,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         fed = Federation(procs, workdir)
         for t in TENANTS:
             files = tenant_files(t, workdir, args.pairs, args.valid_pairs, args.eval_sample)
+            # Each tenant's steps run in its worker, which keeps the head and memories warm.
+            sock = start_worker(procs, t.id, workdir / "workers" / f"{t.id}.sock")
             node: dict[str, Any] = {
                 "tenant-id": t.id,
                 "token": tokens[t.id],
@@ -596,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                 "aggregation-group": t.group,
                 "memory-mode": args.memory_mode,
                 "metrics-file": metrics.files[t.id] if metrics else "",
+                "worker-socket": sock,
             }
             fed.add_node(t.id, node)
         print(f"SuperLink on 127.0.0.1:{fed.port}, {len(TENANTS)} SuperNodes; running "

@@ -52,6 +52,7 @@ TRAIN_METRICS = frozenset(
         "train-memory-extra-bytes",
         "step-seconds",
         "steps",
+        "state-loads",  # head/tokenizer and memories this step loaded (0: all warm in the worker)
         "round-seconds",
     }
 )
@@ -65,6 +66,7 @@ EVALUATE_METRICS = frozenset(
         "chrf",
         "untuned-bleu",
         "untuned-chrf",
+        "state-loads",
         "seconds",
     }
 )

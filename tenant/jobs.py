@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pema.data import Pair, pair_origin
 from pema.errors import DataError
 from pema.evaluation import score, translate
 from pema.generation import Mixing, token_ratio
-from pema.memory import Memory, build_memory, memory_spec
+from pema.memory import Memory, MemorySpec, build_memory, memory_spec
 from pema.process import peak_rss_bytes
 from pema.prompts import PromptFormat
 from pema.training import Callback, TrainConfig, TrainEvent, TrainReport, train_adapter
@@ -58,6 +59,31 @@ class MemoryResult:
     cache_hit: bool
 
 
+class MemoryCache:
+    """Memories kept in this process between jobs (the tenant's worker), the `slots` most
+    recently used. A memory's address names all it was built from (model revision, pairs,
+    template, mode), so a kept memory is never stale."""
+
+    def __init__(self, slots: int = 4) -> None:
+        self.slots = slots
+        self.misses = 0  # memories asked for that were not kept (loaded or built instead)
+        self._kept: OrderedDict[tuple[str, str], Memory] = OrderedDict()
+
+    def get(self, tenant: str, address: str) -> Memory | None:
+        memory = self._kept.get((tenant, address))
+        if memory is None:
+            self.misses += 1
+        else:
+            self._kept.move_to_end((tenant, address))
+        return memory
+
+    def put(self, tenant: str, memory: Memory) -> None:
+        self._kept[(tenant, memory.spec.address)] = memory
+        self._kept.move_to_end((tenant, memory.spec.address))
+        while len(self._kept) > self.slots:
+            self._kept.popitem(last=False)
+
+
 def obtain_memory(
     backend: Backend,
     fmt: PromptFormat,
@@ -67,27 +93,47 @@ def obtain_memory(
     tenant: str = "local",
     desc: str = "memory",
     quiet: bool = False,
+    kept: MemoryCache | None = None,
 ) -> MemoryResult:
-    """The memory for these pairs: from the cache when present, else built and cached."""
+    """The memory for these pairs: kept in this process, else from the store when present, else
+    built (and stored)."""
     spec = memory_spec(backend.backbone.info, pairs, fmt.template, mode)
     start = time.perf_counter()
-    cached = store.get(tenant, spec) if store else None
-    if cached is not None:
-        return MemoryResult(cached, time.perf_counter() - start, True)
+    memory = kept.get(tenant, spec.address) if kept is not None else None
+    if memory is None and store is not None:
+        memory = store.get(tenant, spec)
+    hit = memory is not None
+    if memory is None:
+        memory = _build_memory(backend, fmt, pairs, spec, mode, store, tenant, desc, quiet)
+    if kept is not None:
+        kept.put(tenant, memory)
+    return MemoryResult(memory, time.perf_counter() - start, hit)
+
+
+def _build_memory(
+    backend: Backend,
+    fmt: PromptFormat,
+    pairs: Sequence[Pair],
+    spec: MemorySpec,
+    mode: MemoryMode,
+    store: ShardedMemoryStore | None,
+    tenant: str,
+    desc: str,
+    quiet: bool,
+) -> Memory:
     items = fmt.items(pairs)
     check_lengths(items, pairs, backend.backbone.info.max_length)
     with tqdm(
         total=len(items), desc=f"building {desc} ({mode.value})", unit="pair", disable=quiet
     ) as bar:
         if store is None:
-            memory = build_memory(backend.backbone, items, spec, progress=_advance(bar))
-        else:
-            # Shard-wise, so an interrupted build resumes from the shards already stored.
-            def build_part(lo: int, hi: int) -> Memory:
-                return build_memory(backend.backbone, items[lo:hi], spec, progress=_advance(bar))
+            return build_memory(backend.backbone, items, spec, progress=_advance(bar))
 
-            memory = store.build(tenant, spec, len(items), build_part)
-    return MemoryResult(memory, time.perf_counter() - start, False)
+        # Shard-wise, so an interrupted build resumes from the shards already stored.
+        def build_part(lo: int, hi: int) -> Memory:
+            return build_memory(backend.backbone, items[lo:hi], spec, progress=_advance(bar))
+
+        return store.build(tenant, spec, len(items), build_part)
 
 
 class TrainProgress:
@@ -145,18 +191,23 @@ def train_job(
     start_state: dict[str, Tensor] | None = None,
     phases: tuple[int, ...] = (1, 2),
     on_event: Callback | None = None,
+    kept: MemoryCache | None = None,
 ) -> TrainOutcome:
     """Build (or load) both memories, train an adapter, and save it atomically to out_dir.
 
     A federated round passes `start_state` (its last checkpoint or its group's average) and
-    `phases=(2,)` to continue training; `on_event` sees every training event (metrics)."""
+    `phases=(2,)` to continue training; `on_event` sees every training event (metrics); `kept`
+    holds memories between jobs (the tenant's worker)."""
     fmt = PromptFormat(backend.tokenizer, adapter_config.template)
     mode = MemoryMode(adapter_config.memory_mode)
-    train_mem = obtain_memory(backend, fmt, train_pairs, mode, store, tenant, "train memory", quiet)
+    train_mem = obtain_memory(
+        backend, fmt, train_pairs, mode, store, tenant, "train memory", quiet, kept
+    )
     # Validation keys are always teacher-forced: they measure next-token prediction of gold text.
     valid_mem = obtain_memory(
-        backend, fmt, valid_pairs, MemoryMode.TEACHER_FORCED, store, tenant, "valid memory", quiet
-    )
+        backend, fmt, valid_pairs, MemoryMode.TEACHER_FORCED, store, tenant, "valid memory", quiet,
+        kept,
+    )  # fmt: skip
     rho = token_ratio(
         [len(fmt.text_ids(p.source)) for p in train_pairs],
         [len(fmt.target_ids(p.target)) for p in train_pairs],

@@ -278,9 +278,10 @@ def test_superlink_binds_all_interfaces_keeps_state_and_probes_health(
 
 
 def node_config_keys() -> set[str]:
-    from tenant.flower_client import NodeConfig
+    from tenant.steps import NodeConfig
+    from tenant.worker_link import WORKER_KEYS
 
-    return {f.alias or name for name, f in NodeConfig.model_fields.items()}
+    return {f.alias or name for name, f in NodeConfig.model_fields.items()} | set(WORKER_KEYS)
 
 
 def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
@@ -311,7 +312,25 @@ def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
             assert set(pairs) <= known, (where, set(pairs) - known)
             assert pairs["tenant-id"] == tenant
             assert pairs["coordinator"] == "coordinator:50051"
-            # The metrics container serves the file the ClientApps record, read-only.
+            # The steps run in the worker container, on the socket the node config names, in a
+            # volume that only the supernode and worker containers share; the container that
+            # talks to the federation mounts none of the tenant's data or state.
+            worker = containers["worker"]
+            serve = ["pema-tenant", "worker", f"--socket={pairs['worker-socket']}"]
+            assert worker["command"] == serve, where
+            sharing = {
+                name: {
+                    m["name"]
+                    for m in cont["volumeMounts"]
+                    if pairs["worker-socket"].startswith(m["mountPath"] + "/")
+                }
+                for name, cont in containers.items()
+            }
+            assert sharing == {"supernode": {"worker"}, "worker": {"worker"}, "metrics": set()}
+            assert "emptyDir" in volumes["worker"], where
+            assert not {"data", "state"} & {m["name"] for m in c["volumeMounts"]}, where
+            assert not [e for e in worker.get("env", []) if "valueFrom" in e], where  # no secrets
+            # The metrics container serves the file the steps record, read-only.
             exporter = containers["metrics"]
             assert flag(exporter["command"], "--state") == pairs["metrics-file"]
             assert flag(exporter["command"], "--port") == str(exporter["ports"][0]["containerPort"])
@@ -327,7 +346,7 @@ def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
             assert refs == {f"tenant-{tenant}-credentials"}, where
             # The adapter folder is on the tenant's own PersistentVolumeClaim.
             claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
-            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
             (adapter_mount,) = [p for p in mounts if pairs["adapter-dir"].startswith(p)]
             assert mounts[adapter_mount] in claims
             assert mounts["/data"] in claims
@@ -388,13 +407,14 @@ def test_tls_is_on_in_prod_and_off_in_dev(rendered: dict[str, list[Obj]]) -> Non
             assert secret["secretName"] == "redis-tls", key
         assert "--tls" in r["readinessProbe"]["exec"]["command"]
         for sts in tenants:
-            t = next(c for c in pod_spec(sts)["containers"] if c["name"] == "supernode")
+            containers = {c["name"]: c for c in pod_spec(sts)["containers"]}
             volumes = {v["name"]: v for v in pod_spec(sts)["volumes"]}
             cm = by_name(objs, "ConfigMap", volumes["node-config"]["configMap"]["name"])
             pairs = dict(item.split("=", 1) for item in shlex.split(cm["data"]["node-config"]))
-            assert "rediss://" in t["command"][-1]
+            assert "rediss://" in containers["supernode"]["command"][-1]
+            # The worker runs the steps: it dials the coordinator and Redis.
             for key in ("coordinator-tls-ca", "redis-tls-ca"):
-                ca = mounted_file(pod_spec(sts), t, pairs[key])
+                ca = mounted_file(pod_spec(sts), containers["worker"], pairs[key])
                 assert ca["secret"]["secretName"] == "pema-tls-ca", key
 
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -37,6 +38,7 @@ from tenant.demo import (
     read_samples,
     start_coordinator,
     start_metrics,
+    start_worker,
     wait_for,
     write_pairs,
 )
@@ -345,3 +347,61 @@ def test_trust_boundaries_and_a_tenant_killed_mid_round(services: Services) -> N
     private = [secret, *private_texts(run_dir / "adapters" / f"{a}.samples.jsonl")]
     assert_only_allowed(run_dir / "audit.jsonl", "fedavg", private)
     assert_absent(private, table, table.with_suffix(".jsonl"), server_log)
+
+
+def test_rounds_through_a_worker_keep_the_head_and_memories_warm(services: Services) -> None:
+    """Tenant W's steps run in its worker (`worker-socket`): round 1 loads the model's head and
+    tokenizer and both memories into it, later rounds find them all warm. Tenant D names a
+    worker that is not running: each of its rounds fails at once with a clear error row, and
+    the run does not wait for it."""
+    run_dir = services.workdir / "worker"
+    w, d = services.tenants["fedavg"][1], services.tenants["none"][0]
+    procs = Processes(run_dir / "logs")
+    try:
+        fed = Federation(procs, run_dir)
+        sock = start_worker(procs, w, run_dir / "workers" / f"{w}.sock")
+        for tenant, link in (
+            (w, {"worker-socket": sock}),
+            (d, {"worker-socket": run_dir / "workers" / "down.sock", "worker-connect-seconds": 1}),
+        ):
+            fed.add_node(
+                tenant,
+                {
+                    "tenant-id": tenant,
+                    "token": services.tokens[tenant],
+                    "coordinator": services.coordinator,
+                    "train": write_pairs(run_dir / "train.tsv", read_pairs(KJV / "train.tsv", 16)),
+                    "valid": KJV / "valid.tsv",
+                    "max-valid-pairs": 8,
+                    "adapter-dir": run_dir / "adapters" / tenant,
+                    "redis-url": REDIS_URL,
+                    "cache-dir": run_dir / "cache",
+                    **link,
+                },
+            )
+        started = time.monotonic()
+        table = fed.run(
+            {
+                "num-server-rounds": 3,
+                "eval-sample-size": 1,
+                "audit-log": str(run_dir / "audit.jsonl"),
+            },
+            timeout=900,
+        )
+    finally:
+        procs.stop_all()
+    print(table.read_text(), f"{time.monotonic() - started:.0f} s")
+    rows = read_rows(table)
+    worked = sorted((r for r in rows if r["tenant"] == w), key=lambda r: r["round"])
+    assert [r["round"] for r in worked] == [1, 2, 3] and not [r for r in worked if "error" in r]
+    # Round 1: the head and tokenizer, and the train and valid memories; then nothing.
+    assert [r["state-loads"] for r in worked] == [3, 0, 0]
+    assert [r["eval-state-loads"] for r in worked] == [0, 0, 0]
+    assert [r["cache-hit"] for r in worked] == [0, 1, 1]
+    assert [r["started-from"] for r in worked] == ["init", "checkpoint", "checkpoint"]
+    assert all(r["train-wall-seconds"] >= r["round-seconds"] >= r["train-seconds"] for r in worked)
+    down = sorted((r for r in rows if r["tenant"] == d), key=lambda r: r["round"])
+    assert [(r["round"], r["error"]) for r in down] == [
+        (n, "train: train-failed:WorkerUnavailable") for n in (1, 2, 3)
+    ]
+    assert_only_allowed(run_dir / "audit.jsonl", "none", [str(run_dir)])

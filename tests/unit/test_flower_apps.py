@@ -6,23 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from coordinator.flower_server import GroupedFedAvg, format_table, load_tenants
 from pema.errors import PemaError
 from tenant.federation import INFO, METRICS, RunConfig, drop_disallowed, reply_violations
 from tenant.federation import validated as validated_config
-from tenant.flower_client import NodeConfig
+from tenant.steps import NodeConfig
 
 NODE = {"tenant-id": "acme", "train": "t.tsv", "valid": "v.tsv", "adapter-dir": "a"}
 
 
-def context(node: dict[str, object]) -> Context:
-    return Context(run_id=1, node_id=2, node_config=node, state=RecordDict(), run_config={})  # type: ignore[arg-type]
-
-
 def test_node_config_accepts_its_keys() -> None:
-    cfg = NodeConfig.from_context(context({**NODE, "threads": 2, "aggregation-group": "kjv"}))
+    cfg = NodeConfig.from_values({**NODE, "threads": 2, "aggregation-group": "kjv"})
     assert cfg.threads == 2 and cfg.group == "kjv" and cfg.memory_mode == "teacher-forced"
     assert cfg.samples_path == Path("a.samples.jsonl")
 
@@ -42,21 +38,21 @@ def test_node_config_rejects_unknown_keys_and_bad_values_naming_the_key(
     extra: dict[str, object], named: str
 ) -> None:
     with pytest.raises(PemaError, match=named):
-        NodeConfig.from_context(context({**NODE, **extra}))
+        NodeConfig.from_values({**NODE, **extra})
 
 
 def test_the_coordinator_retry_budget_is_a_node_config_key_that_reaches_the_client(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import tenant.flower_client as client
+    import tenant.steps as steps
 
     seen: dict[str, object] = {}
-    monkeypatch.setattr(client, "coordinator_backend", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(steps, "coordinator_backend", lambda *a, **kw: seen.update(kw))
     node = {**NODE, "coordinator": "127.0.0.1:1", "coordinator-retry-seconds": 7.5}
-    client.make_backend(NodeConfig.from_context(context(node)))
+    steps.make_backend(NodeConfig.from_values(node))
     assert seen["retry_seconds"] == 7.5
     with pytest.raises(PemaError, match="'coordinator-retry-seconds'"):
-        NodeConfig.from_context(context({**node, "coordinator-retry-seconds": -1}))
+        NodeConfig.from_values({**node, "coordinator-retry-seconds": -1})
 
 
 def test_flower_log_lines_carry_no_colour_codes_outside_a_terminal() -> None:
@@ -77,7 +73,7 @@ def test_flower_log_lines_carry_no_colour_codes_outside_a_terminal() -> None:
 
 def test_node_config_names_a_missing_key() -> None:
     with pytest.raises(PemaError, match="'adapter-dir'"):
-        NodeConfig.from_context(context({k: v for k, v in NODE.items() if k != "adapter-dir"}))
+        NodeConfig.from_values({k: v for k, v in NODE.items() if k != "adapter-dir"})
 
 
 def test_run_config_is_pyprojects_and_rejects_typos() -> None:
