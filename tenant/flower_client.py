@@ -4,8 +4,11 @@ Per-node settings come from the SuperNode's `--node-config` (NodeConfig), per-ru
 `[tool.flwr.app.config]` (RunConfig in tenant/federation.py); both reject unknown keys. Every
 reply is built from the allow-list in tenant/federation.py: numbers, a few closed-set identifiers,
 and the adapter only when the run aggregates (`aggregation = "fedavg"`) and the tenant opted into
-an aggregation group. Sample generations stay in the tenant's own file; a failed step replies with
-its phase and exception class only.
+an aggregation group. Under secure aggregation (the default with fedavg) the adapter leaves only
+through Flower's SecAgg+ protocol (`secure_aggregation`, around secaggplus_mod): after the round's
+training, the server asks a group's members for their adapters, and each sends it masked so that
+only the group's sum can be unmasked. Sample generations stay in the tenant's own file; a failed
+step replies with its phase and exception class only.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -29,11 +33,15 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, NDArrays, Status, ndarrays_to_parameters
 from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+from flwr.compat.common import recorddict_compat as compat
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pema.adapter import CONFIG_FILE, AdapterConfig, load_adapter, save_adapter
+from pema.adapter import CONFIG_FILE, AdapterConfig, PemaAdapter, load_adapter, save_adapter
 from pema.backbone import MemoryMode
 from pema.data import read_pairs
 from pema.errors import PemaError
@@ -49,6 +57,7 @@ from tenant.federation import (
     GROUP_PATTERN,
     INFO,
     METRICS,
+    SECAGG,
     RunConfig,
     error_reason,
     plain_flower_logs,
@@ -160,12 +169,8 @@ class RunSettings:
         sent: dict[str, Any] = dict(msg.content[CONFIG])
         return cls(int(sent.get("server-round", 1)), config)
 
-    @property
-    def aggregation(self) -> str:
-        return self.config.aggregation
 
-
-def shares_adapter(node: NodeConfig, run: RunSettings) -> bool:
+def shares_adapter(node: NodeConfig, run: RunConfig) -> bool:
     """The tenant's opt-in: its adapter leaves only when the run aggregates and its node config
     names a group (the server still decides whether it is averaged, and with whom)."""
     return run.aggregation == "fedavg" and bool(node.group)
@@ -211,9 +216,45 @@ def adapter_config(template: str, memory_mode: str = "teacher-forced") -> Adapte
     )
 
 
-def _received_state(msg: Message) -> dict[str, torch.Tensor] | None:
+def upload_arrays(state: dict[str, torch.Tensor], clipping_range: float) -> NDArrays:
+    """The adapter as SecAgg+ sums it: its tensors in state_dict order, unnamed (the group's
+    average comes back in that order: `named_state`). SecAgg+ clips values to the clipping range
+    before quantizing them; an adapter beyond it fails here instead of being averaged clipped."""
+    arrays = [t.detach().cpu().numpy() for t in state.values()]
+    largest = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
+    if largest > clipping_range:
+        raise PemaError(
+            f"adapter values reach {largest:.3g}, beyond SecAgg+'s clipping range "
+            f"+-{clipping_range:g}: they would be averaged clipped"
+        )
+    return arrays
+
+
+def named_state(arrays: NDArrays, names: list[str]) -> dict[str, torch.Tensor]:
+    """A group average SecAgg+ returned (unnamed, float64) as this adapter's state dict."""
+    if len(arrays) != len(names):
+        raise PemaError(f"the group's average has {len(arrays)} arrays, this adapter {len(names)}")
+    return {
+        n: torch.from_numpy(np.asarray(a, dtype=np.float32))
+        for n, a in zip(names, arrays, strict=True)
+    }
+
+
+def _received_state(msg: Message, run: RunConfig) -> dict[str, torch.Tensor] | None:
+    """The group's average the server sent, if any, as a state dict."""
     arrays = msg.content.array_records.get(ARRAYS)
-    return arrays.to_torch_state_dict() if arrays is not None and len(arrays) else None
+    if arrays is None or not len(arrays):
+        return None
+    if not run.secure:
+        return arrays.to_torch_state_dict()
+    return named_state(arrays.to_numpy_ndarrays(), adapter_names())
+
+
+def adapter_names() -> list[str]:
+    """The round adapter's parameter names in state_dict order: the order `upload_arrays` sends
+    them in, and so the order of a SecAgg+ group average. (They depend on the adapter settings of
+    `adapter_config`, not on a tenant's template or memory mode.)"""
+    return list(PemaAdapter(adapter_config(DEFAULT_TEMPLATE)).state_dict())
 
 
 def _reply(
@@ -234,9 +275,20 @@ def _reply(
     return Message(content, reply_to=msg)
 
 
+class StepFailed(Exception):
+    """The step inside the SecAgg+ mod replied with an error; its reason is already private."""
+
+
+def _error_reply(msg: Message, phase: str, error: Exception) -> Message:
+    """A short code and the exception's class only; the whole error (paths, data) goes to the
+    tenant's own log."""
+    log.exception("%s failed", phase)
+    reason = str(error) if isinstance(error, StepFailed) else error_reason(phase, error)
+    return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+
+
 def _private_errors(phase: str) -> Callable[[Handler], Handler]:
-    """A failed step replies with a short code and the exception's class only; the whole error
-    (paths, data) goes to the tenant's own log."""
+    """A failed step replies through `_error_reply`."""
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
@@ -244,30 +296,77 @@ def _private_errors(phase: str) -> Callable[[Handler], Handler]:
             try:
                 return handler(msg, context)
             except Exception as e:
-                log.exception("%s failed", phase)
-                reason = error_reason(phase, e)
-                return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+                return _error_reply(msg, phase, e)
 
         return run
 
     return wrap
 
 
+def secure_aggregation(msg: Message, context: Context, call_next: Handler) -> Message:
+    """Flower's secaggplus_mod for the SecAgg+ protocol's messages (any other train message goes
+    straight on), with each reply checked against the allow-list for its stage before it leaves."""
+    configs = msg.content.config_records.get(SECAGG)
+    if configs is None:
+        return call_next(msg, context)
+    stage = str(configs.get(SecAggKey.STAGE, ""))  # read before the mod pops it
+
+    def step(m: Message, c: Context) -> Message:
+        reply = call_next(m, c)
+        if reply.has_error():
+            raise StepFailed(reply.error.reason)
+        return reply
+
+    try:
+        reply = secaggplus_mod(msg, context, step)
+        bad = reply_violations(reply.content, stage, arrays_allowed=False)
+        if bad:
+            raise PemaError(f"SecAgg+ {stage} reply fields not on the allow-list: {bad}")
+        return reply
+    except Exception as e:
+        return _error_reply(msg, "secagg", e)
+
+
 app = ClientApp()
 plain_flower_logs()
 
 
-@app.train()
-@_private_errors("train")
+@app.train(mods=[secure_aggregation])
 def train(msg: Message, context: Context) -> Message:
+    # SecAgg+'s masked-vector stage asks for the adapter this round trained (the mod masks it);
+    # every other train message that reaches here is the round's training.
+    if SECAGG in msg.content.config_records:
+        return upload(msg, context)
+    return train_round(msg, context)
+
+
+@_private_errors("upload")
+def upload(msg: Message, context: Context) -> Message:
+    """The adapter this round trained (its checkpoint), in the legacy FitRes shape secaggplus_mod
+    reads, weighted by the training pairs as the train reply's num-examples: the mod masks it and
+    empties the arrays before the reply leaves."""
+    node = NodeConfig.from_context(context)
+    run = validated(RunConfig, dict(context.run_config), "run config")
+    if not (run.secure and shares_adapter(node, run)):
+        raise PemaError("this tenant shares its adapter only into its group's SecAgg+ sum")
+    sent = msg.content.config_records["fitins.config"]
+    adapter, doc = load_adapter(node.adapter_dir)
+    arrays = upload_arrays(adapter.state_dict(), float(sent["clipping-range"]))  # type: ignore[arg-type]
+    weight = int(doc["training"]["train_pairs"])
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, {})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+@_private_errors("train")
+def train_round(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     node = NodeConfig.from_context(context)
     run = RunSettings.from_message(msg, context)
     torch.set_num_threads(node.threads)
     backend = make_backend(node)
-    shared = shares_adapter(node, run)
+    shared = shares_adapter(node, run.config)
     # Start from the group's average when aggregating, else from this tenant's own checkpoint.
-    start_state = _received_state(msg) if shared else None
+    start_state = _received_state(msg, run.config) if shared else None
     origin = "group" if start_state is not None else "init"
     if start_state is None and (node.adapter_dir / CONFIG_FILE).is_file():
         adapter, _ = load_adapter(node.adapter_dir, backend.backbone.info.revision)
@@ -320,8 +419,10 @@ def train(msg: Message, context: Context) -> Message:
     )  # fmt: skip
     record_round(node.metrics_path(), figures)
     info = {"group": node.group, "started-from": origin, "memory-mode": node.memory_mode}
-    # Only here does the adapter leave the tenant: the group's average needs it.
-    arrays = ArrayRecord(outcome.adapter.state_dict()) if shared else None
+    # Only here does the adapter leave the tenant in the clear, when the group is averaged so;
+    # under secure aggregation it leaves only masked, through `upload`.
+    plain = shared and not run.config.secure
+    arrays = ArrayRecord(outcome.adapter.state_dict()) if plain else None
     return _reply(msg, "train", metrics, info, arrays)
 
 
@@ -334,7 +435,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(node.threads)
     backend = make_backend(node)
     adapter, doc = load_adapter(node.adapter_dir, backend.backbone.info.revision)
-    received = _received_state(msg) if shares_adapter(node, run) else None
+    shared = shares_adapter(node, run.config)
+    received = _received_state(msg, run.config) if shared else None
     if received is not None:
         # The group's average becomes this tenant's checkpoint: the next round starts from it.
         adapter.load_state_dict(received)
