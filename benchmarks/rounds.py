@@ -65,29 +65,37 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = (("cold", False), ("cached", False), ("worker", True))  # (name, steps in a worker)
 
 
+def node_config(
+    args: argparse.Namespace, workdir: Path, tenant: str, token: str, coordinator: str, train: Path
+) -> dict[str, Any]:
+    """A benchmark tenant's SuperNode: kjv_web's template, memories only from Redis (a silent
+    fallback to disk would change what is measured), `args.threads` torch threads."""
+    return {
+        "tenant-id": tenant,
+        "token": token,
+        "coordinator": coordinator,
+        "train": train,
+        "valid": DATA / "valid.tsv",
+        "test": DATA / "test.tsv",
+        "max-valid-pairs": args.valid_pairs,
+        "template": TASK_TEMPLATES["kjv_web"].replace("\n", "\\n"),
+        "adapter-dir": workdir / "adapters" / tenant,
+        "cache-dir": workdir / "memories",
+        "redis-url": REDIS_URL,
+        "cache-fallback": "fail",
+        "threads": args.threads,
+    }
+
+
 def federated(args: argparse.Namespace, workdir: Path, tenant: str) -> dict[str, list[dict]]:
     """The cold, cached and worker `flwr run` of one tenant; their round rows."""
     token = uuid.uuid4().hex
     procs = Processes(workdir / "logs")
-    adapter_dir = workdir / "adapter"
+    adapter_dir = workdir / "adapters" / tenant
     try:
         coordinator, _ = start_coordinator(procs, None, {tenant: token}, workdir)
         train = write_pairs(workdir / "train.tsv", read_pairs(DATA / "train.tsv", args.pairs))
-        node: dict[str, Any] = {
-            "tenant-id": tenant,
-            "token": token,
-            "coordinator": coordinator,
-            "train": train,
-            "valid": DATA / "valid.tsv",
-            "test": DATA / "test.tsv",
-            "max-valid-pairs": args.valid_pairs,
-            "template": TASK_TEMPLATES["kjv_web"].replace("\n", "\\n"),
-            "adapter-dir": adapter_dir,
-            "cache-dir": workdir / "memories",
-            "redis-url": REDIS_URL,
-            "cache-fallback": "fail",
-            "threads": args.threads,
-        }
+        node = node_config(args, workdir, tenant, token, coordinator, train)
         run_config = {
             "num-server-rounds": args.rounds,
             "local-epochs": args.epochs,

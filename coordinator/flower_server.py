@@ -10,6 +10,15 @@ that claims a group other than the one assigned is logged and its adapter is not
 reply is checked against the allow-list in tenant/federation.py before anything reads it: fields
 not on the list are dropped and logged by name (an optional `audit-log` records the shape of every
 reply, without its values).
+
+Secure aggregation (run config `secure-aggregation`, on by default with fedavg): every tenant
+trains in the round's train messages as before, but a member's reply carries no adapter. Once the
+replies are in, each group's members run Flower's SecAgg+ protocol (SecAggPlusWorkflow, one
+LegacyContext per group whose ClientManager holds only that group's members): the server relays
+public keys and encrypted key shares, sums masked integer vectors and learns only the weighted
+average, which `GroupSum.aggregate_fit` receives. A group with fewer than two members that trained
+this round is not averaged (a lone member's "sum" would be its own adapter): its members keep
+their own adapters, which never leave them.
 """
 
 from __future__ import annotations
@@ -26,11 +35,32 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     MetricRecord,
     RecordDict,
 )
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    parameters_to_ndarrays,
+)
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import (
@@ -47,11 +77,15 @@ from tenant.federation import (
     INFO,
     INFO_FIELDS,
     METRICS,
+    SECAGG,
+    SECAGG_REPLIES,
     RunConfig,
     TenantsFile,
     drop_disallowed,
     plain_flower_logs,
+    reply_violations,
     validated,
+    value_type,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +109,15 @@ COLUMNS = [
 SHORT = {"teacher-forced": "tf", "free-running": "free", "checkpoint": "ckpt"}
 # The numbers Flower's per-round summary line shows, per group (or per private tenant).
 SUMMARY = {"train": ("train-loss", "valid-loss"), "evaluate": ("valid-loss", "bleu", "chrf")}
+# SecAgg+: every member holds a share of every other member's secrets (groups are small), and 2/3
+# of them (at least 2) rebuild one: no minority of a group can help the server unmask a member,
+# and a minority may drop out after the masked vectors are collected.
+SECAGG_SHARES = 1.0
+SECAGG_THRESHOLD = 2 / 3
+# Adapter values are clipped to +-this before quantization (2^22 levels: steps of 4e-6); a tenant
+# refuses to upload an adapter outside it rather than have it clipped silently.
+CLIPPING_RANGE = 8.0
+MIN_SECURE_MEMBERS = 2  # SecAgg+ sums at least two vectors: a lone member's would be its own
 
 
 def load_tenants(path: str) -> dict[str, str]:
@@ -99,10 +142,13 @@ class AuditedGrid(Grid):
     """The grid the strategy talks to: every reply passes the allow-list before the strategy
     sees it, and (optionally) its shape goes to an audit log."""
 
-    def __init__(self, grid: Grid, aggregation: str, audit_log: Path | None) -> None:
+    def __init__(
+        self, grid: Grid, aggregation: str, audit_log: Path | None, secure: bool = False
+    ) -> None:
         self.grid = grid
         self.aggregation = aggregation
         self.audit_log = audit_log
+        self.secure = secure  # adapters arrive only masked, through SecAgg+
         # reply message id -> the node the instruction went to: the SuperLink answers for a node
         # that died with an error reply from itself, and the row must still name the tenant.
         self.senders: dict[str, int] = {}
@@ -135,24 +181,46 @@ class AuditedGrid(Grid):
         sent = list(messages)
         replies = list(self.grid.send_and_receive(sent, timeout=timeout))
         # Pushing gave every sent message its id.
-        to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        asked = {m.metadata.message_id: m for m in sent}
+        out = []
         for r in replies:
-            node = to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            instruction = asked.get(r.metadata.reply_to_message_id)
+            node = instruction.metadata.dst_node_id if instruction else r.metadata.src_node_id
             self.senders[r.metadata.message_id] = node
-        return [self.check(m) for m in replies]
+            out.append(self.check(r, instruction))
+        return out
 
     def sender(self, msg: Message) -> int:
         return self.senders.get(msg.metadata.message_id, msg.metadata.src_node_id)
 
-    def check(self, msg: Message) -> Message:
+    def check(self, msg: Message, instruction: Message | None = None) -> Message:
+        """The reply as the server may read it. A train or evaluate reply loses the fields not on
+        the allow-list; a SecAgg+ reply (its stage is the instruction's) that breaks the list for
+        its stage is replaced by an error: the protocol reads replies whole, and counts that
+        tenant as dropped out instead of failing the run."""
         node, kind = self.sender(msg), msg.metadata.message_type
+        stage = secagg_stage(instruction)
         entry: dict[str, Any] = {"node": node, "type": kind, "group_id": msg.metadata.group_id}
+        if stage:
+            entry["stage"] = stage
         if msg.has_error():
             entry["error"] = {"code": msg.error.code, "reason": msg.error.reason}
+        elif stage and instruction is not None:
+            entry["records"] = describe(msg.content)
+            rejected = reply_violations(msg.content, stage, arrays_allowed=False)
+            if rejected:
+                log.warning(
+                    "node %d: SecAgg+ %s reply not on the allow-list (%s): counted as a dropout",
+                    node, stage, rejected,
+                )  # fmt: skip
+                entry["rejected"] = rejected
+                msg = Message(
+                    Error(ErrorCode.UNKNOWN, "secagg-reply-not-allowed"), reply_to=instruction
+                )
         else:
             entry["records"] = describe(msg.content)
             phase = "train" if kind == MessageType.TRAIN else "evaluate"
-            arrays = self.aggregation == "fedavg" and phase == "train"
+            arrays = self.aggregation == "fedavg" and phase == "train" and not self.secure
             dropped = drop_disallowed(msg.content, phase, arrays)
             if dropped:
                 log.warning(
@@ -165,6 +233,14 @@ class AuditedGrid(Grid):
         return msg
 
 
+def secagg_stage(instruction: Message | None) -> str:
+    """The SecAgg+ stage a server instruction starts ('' for a plain train or evaluate one)."""
+    if instruction is None or SECAGG not in instruction.content.config_records:
+        return ""
+    stage = instruction.content.config_records[SECAGG].get(SecAggKey.STAGE, "")
+    return stage if isinstance(stage, str) and stage in SECAGG_REPLIES else ""
+
+
 def describe(content: RecordDict) -> dict[str, dict[str, str]]:
     """Each record's fields with their value types; only allow-listed identifiers show their
     value (the audit log must not hold what the allow-list keeps out)."""
@@ -172,7 +248,7 @@ def describe(content: RecordDict) -> dict[str, dict[str, str]]:
     for name, record in content.items():
         fields: dict[str, str] = {}
         for key, value in record.items():
-            shown = type(value).__name__
+            shown = value_type(value)
             if name == INFO and key in INFO_FIELDS and isinstance(value, str):
                 shown = f"str:{value}" if len(value) <= 64 else "str"
             fields[key] = shown
@@ -180,9 +256,65 @@ def describe(content: RecordDict) -> dict[str, dict[str, str]]:
     return out
 
 
+class GroupSum(Strategy):
+    """The legacy strategy SecAggPlusWorkflow drives for one group in one round: it asks every
+    member (the ClientManager holds only them) for the adapter it trained this round, and its
+    `aggregate_fit` receives only what SecAgg+ unmasked: the workflow puts the group's weighted
+    average into every member's result, so no member's own arrays ever reach it."""
+
+    def __init__(self, server_round: int) -> None:
+        self.config: dict[str, Scalar] = {
+            "server-round": server_round,
+            "clipping-range": CLIPPING_RANGE,
+        }
+        self.average: NDArrays | None = None
+        self.count = 0  # members whose masked vectors are in the average
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        members = sorted(client_manager.all().items())
+        return [(proxy, FitIns(parameters, dict(self.config))) for _, proxy in members]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if not results:
+            return None, {}
+        self.average = parameters_to_ndarrays(results[0][1].parameters)
+        self.count = len(results)
+        return results[0][1].parameters, {}
+
+    # The rest of the legacy interface: the workflow uses none of it.
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return []
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        return None, {}
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        return None
+
+
 class GroupedFedAvg(FedAvg):
-    """FedAvg whose average is taken per aggregation group (weighted by examples); tenants in no
-    group, and every tenant with aggregation "none", only train and report metrics."""
+    """FedAvg whose average is taken per aggregation group (weighted by examples), in the clear or
+    under SecAgg+ (`secure`); tenants in no group, and every tenant with aggregation "none", only
+    train and report metrics."""
 
     def __init__(
         self,
@@ -191,6 +323,8 @@ class GroupedFedAvg(FedAvg):
         table_path: Path | None,
         tenants: dict[str, str],
         grid: AuditedGrid | None = None,
+        secure: bool = False,
+        timeout: float | None = None,
     ) -> None:
         super().__init__(
             min_train_nodes=min_nodes,
@@ -201,6 +335,8 @@ class GroupedFedAvg(FedAvg):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.aggregation = aggregation
+        self.secure = secure
+        self.timeout = timeout  # for each SecAgg+ stage's replies
         self.table_path = table_path
         self.tenants = tenants  # the operator's: tenant id -> group
         self.grid = grid  # where replies came from (their sender, also for the SuperLink's)
@@ -330,7 +466,7 @@ class GroupedFedAvg(FedAvg):
         # The round's training as the server sees it: from sending the train messages to holding
         # every reply (the tenants' own train-seconds exclude start-up, transfer and scheduling).
         wall = time.perf_counter() - self.train_started.get(server_round, time.perf_counter())
-        by_group: dict[str, list[RecordDict]] = {}
+        members: dict[str, dict[int, RecordDict]] = {}  # group -> its trained members' replies
         done = []
         for msg in replies:
             row = self._record(server_round, msg, "train")
@@ -343,8 +479,8 @@ class GroupedFedAvg(FedAvg):
             row["arrays-sent"] = sum(len(a) for a in msg.content.array_records.values())
             done.append((row, msg.content))
             group = row["group"]
-            if group and node in self.members.get(group, set()) and ARRAYS in msg.content:
-                by_group.setdefault(group, []).append(msg.content)
+            if group and node in self.members.get(group, set()):
+                members.setdefault(group, {})[node] = msg.content
         for node in sorted(self.asked.get(server_round, set())):
             if (server_round, node) not in self.rows:
                 # A tenant that died mid-round may get neither a reply nor the SuperLink's error
@@ -355,13 +491,72 @@ class GroupedFedAvg(FedAvg):
                     "group": self.group_of(node), "error": "train: no reply within the round",
                 }  # fmt: skip
                 log.warning("round %d: %s sent no train reply", server_round, tenant)
-        for group, members in by_group.items():
-            self.group_arrays[group] = aggregate_arrayrecords(members, self.weighted_by_key)
-            log.info(
-                "round %d: averaged %d adapters of group %r", server_round, len(members), group
-            )
+        for group, contents in sorted(members.items()):
+            started = time.perf_counter()
+            if self.secure:
+                weights = {n: self.weight(c) for n, c in contents.items()}
+                average, count = self.secure_average(server_round, group, weights)
+            else:
+                shared = [c for c in contents.values() if ARRAYS in c]
+                average = aggregate_arrayrecords(shared, self.weighted_by_key) if shared else None
+                count = len(shared)
+            for node in contents:
+                self.rows[(server_round, node)]["averaged"] = count
+                if self.secure:
+                    self.rows[(server_round, node)]["secagg-seconds"] = (
+                        time.perf_counter() - started
+                    )
+            if average is None:
+                # Members keep this round's own adapters: an older average must not replace them.
+                self.group_arrays.pop(group, None)
+                continue
+            self.group_arrays[group] = average
+            log.info("round %d: averaged %d adapters of group %r", server_round, count, group)
         # The strategy's single global model stays empty: the averages live per group.
         return None, self.group_means("train", done) if done else None
+
+    def weight(self, content: RecordDict) -> int:
+        """A member's weight in its group's average: the examples its train reply reports."""
+        value = content.metric_records.get(METRICS, MetricRecord()).get(self.weighted_by_key, 0)
+        return int(value) if isinstance(value, int | float) else 0
+
+    def secure_average(
+        self, server_round: int, group: str, weights: dict[int, int]
+    ) -> tuple[ArrayRecord | None, int]:
+        """The group's average weighted by `weights` (member node -> num-examples) under SecAgg+,
+        and how many members it covers; (None, 0) when there is none this round."""
+        if len(weights) < MIN_SECURE_MEMBERS:
+            log.warning(
+                "round %d: group %r has %d member(s) that trained; SecAgg+ needs %d: not averaged "
+                "(its adapters stay with their tenants)",
+                server_round, group, len(weights), MIN_SECURE_MEMBERS,
+            )  # fmt: skip
+            return None, 0
+        if self.grid is None:
+            raise PemaError("secure aggregation needs the grid the strategy was started on")
+        run_id = self.grid.run.run_id
+        members = SimpleClientManager()
+        for node in sorted(weights):
+            members.register(GridClientProxy(node, self.grid, run_id))
+        strategy = GroupSum(server_round)
+        base = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        context = LegacyContext(base, ServerConfig(num_rounds=server_round), strategy, members)
+        context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+        context.state[MAIN_PARAMS_RECORD] = ArrayRecord()
+        # The heaviest member weighs 1: the finest quantization the weights allow.
+        workflow = SecAggPlusWorkflow(
+            SECAGG_SHARES, SECAGG_THRESHOLD, max_weight=float(max(1, *weights.values())),
+            clipping_range=CLIPPING_RANGE, timeout=self.timeout,
+        )  # fmt: skip
+        workflow(self.grid, context)
+        if strategy.average is None:
+            log.warning(
+                "round %d: SecAgg+ halted for group %r (members lost before their masks could be "
+                "removed): not averaged",
+                server_round, group,
+            )  # fmt: skip
+            return None, 0
+        return ArrayRecord(strategy.average), strategy.count
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -376,6 +571,10 @@ class GroupedFedAvg(FedAvg):
 
     def write_table(self, server_round: int) -> None:
         rows = [r for (rnd, _), r in sorted(self.rows.items()) if rnd == server_round]
+        # The whole round as the server sees it: training, any secure aggregation, evaluation.
+        wall = time.perf_counter() - self.train_started.get(server_round, time.perf_counter())
+        for row in rows:
+            row["round-wall-seconds"] = wall
         log.info("round %d:\n%s", server_round, format_table(rows))
         if self.table_path is None:
             return
@@ -416,14 +615,20 @@ def main(grid: Grid, context: Context) -> None:
         log.addHandler(logging.StreamHandler())
         log.setLevel(logging.INFO)
     c = validated(RunConfig, dict(context.run_config), "run config")
-    audited = AuditedGrid(grid, c.aggregation, Path(c.audit_log) if c.audit_log else None)
+    audit = Path(c.audit_log) if c.audit_log else None
+    audited = AuditedGrid(grid, c.aggregation, audit, secure=c.secure)
     strategy = GroupedFedAvg(
         aggregation=c.aggregation,
         min_nodes=c.min_nodes,
         table_path=Path(c.round_table) if c.round_table else None,
         tenants=load_tenants(c.tenants_file),
         grid=audited,
+        secure=c.secure,
+        timeout=c.round_timeout,
     )
+    if c.aggregation == "fedavg":
+        how = "under SecAgg+ (the server sees only each group's average)"
+        log.info("fedavg %s", how if c.secure else "in the clear (secure-aggregation = false)")
     strategy.start(
         grid=audited,
         initial_arrays=ArrayRecord(),

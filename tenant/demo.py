@@ -2,13 +2,13 @@
 
 The coordinator serves the default model; a SuperLink and three SuperNodes run the Flower app:
 two tenants rewrite KJV into modern English on different books and average their adapters
-(aggregation group "kjv"), a third rewrites modern English into King James English and keeps its
-adapter private. Each tenant runs its steps in a long-lived worker next to its SuperNode
-(`pema-tenant worker`), as its pod does. The federation runs as in production: TLS, SuperNodes
-authenticated by per-tenant keys, groups assigned by the operator, replies limited to numbers.
-It prints the per-round table, each tenant's BLEU/chrF before and after with sample generations
-(read from each tenant's own sample log) and the PromQL figures. Every process it starts is
-stopped on exit, Ctrl-C or failure.
+(aggregation group "kjv") under Flower's SecAgg+, so that the server learns only their average, a
+third rewrites modern English into King James English and keeps its adapter private. Each tenant
+runs its steps in a long-lived worker next to its SuperNode (`pema-tenant worker`), as its pod
+does. The federation runs as in production: TLS, SuperNodes authenticated by per-tenant keys,
+groups assigned by the operator, replies limited to numbers. It prints the per-round table, each
+tenant's BLEU/chrF before and after with sample generations (read from each tenant's own sample
+log) and the PromQL figures. Every process it starts is stopped on exit, Ctrl-C or failure.
 
 The process helpers here also serve the integration tests (tests/integration/test_federation.py).
 """
@@ -378,10 +378,11 @@ class Federation:
         echo: bool = False,
         on_line: Callable[[str], None] | None = None,
         name: str = "rounds",
+        app: Path = ROOT,
     ) -> Path:
-        """`flwr run` to the end; returns the round table (`name`.md, and `name`.jsonl). Raises
-        with the log's tail on failure. `on_line` sees every line of the run's log as it arrives
-        (tests inject faults with it)."""
+        """`flwr run` of the Flower app in `app` (this project) to the end; returns the round table
+        (`name`.md, and `name`.jsonl). Raises with the log's tail on failure. `on_line` sees every
+        line of the run's log as it arrives (tests inject faults with it)."""
         table = self.workdir / f"{name}.md"
         tenants = self.workdir / "tenants.json"
         doc = {"tenants": {t: {"group": g} for t, g in self.groups.items()}}
@@ -391,7 +392,7 @@ class Federation:
             f"{k}={v}" if isinstance(v, int | float) else f"{k}='{v}'" for k, v in cfg.items()
         )
         log = self.workdir / f"flwr-{name}.log"
-        args = [str(BIN / "flwr"), "run", str(ROOT), "local-test", "--stream"]
+        args = [str(BIN / "flwr"), "run", str(app), "local-test", "--stream"]
         with log.open("w") as out:
             proc = subprocess.Popen(
                 [*args, "--run-config", text],
@@ -625,11 +626,13 @@ def main(argv: list[str] | None = None) -> int:
             }
             fed.add_node(t.id, node)
         print(f"SuperLink on 127.0.0.1:{fed.port}, {len(TENANTS)} SuperNodes; running "
-              f"{args.rounds} rounds (fedavg within group kjv; kjv-style stays private)", flush=True)  # fmt: skip
+              f"{args.rounds} rounds (fedavg under SecAgg+ within group kjv; kjv-style stays "
+              f"private)", flush=True)  # fmt: skip
         table = fed.run(
             {
                 "num-server-rounds": args.rounds,
                 "aggregation": "fedavg",
+                "secure-aggregation": True,  # the default, spelled out: the server sees sums only
                 "local-epochs": args.local_epochs,
                 "eval-sample-size": args.eval_sample,
                 "min-nodes": len(TENANTS),

@@ -3,9 +3,12 @@ what a tenant's Flower reply may carry.
 
 The allow-list is the promise of the threat model (DESIGN.md): the model owner's ServerApp sees
 per-tenant numbers (losses, scores, counts, timings, peak memory) and a few identifiers from closed
-sets, never text or file paths; adapter arrays only when the run aggregates and the tenant opted
-into a group. The ClientApp builds every reply through `reply_violations` (tenant/flower_client.py)
-and the ServerApp checks every reply it receives against it again (coordinator/flower_server.py).
+sets, never text or file paths; adapters only when the run aggregates and the tenant opted into a
+group, and then, under secure aggregation (the default), only as SecAgg+ protocol values: public
+keys, encrypted key shares, integer vectors masked so that only the group's sum can be unmasked,
+shares of mask seeds. The ClientApp builds every reply through `reply_violations`
+(tenant/flower_client.py) and the ServerApp checks every reply it receives against it again
+(coordinator/flower_server.py).
 
 Imports stay light (no torch): the ServerApp imports this module too.
 """
@@ -16,8 +19,11 @@ import re
 import sys
 from typing import Any, Literal, TypeVar
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import bytes_to_ndarray
 from flwr.common.logger import update_console_handler
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pema.errors import PemaError
@@ -78,9 +84,25 @@ INFO_FIELDS: dict[str, re.Pattern[str] | tuple[str, ...]] = {
     "started-from": STARTS,
     "memory-mode": MEMORY_MODES,
 }
-# Flower's SecAgg+ protocol (secaggplus_mod): the client's share of the protocol state, all keys,
-# ciphertexts and masked integer vectors, no tenant text.
-SECAGG_RECORD = "secaggplus"
+# Flower's SecAgg+ (secaggplus_mod writes these replies): the record and, per protocol stage, each
+# key a reply carries with its value type (`value_type`). Nothing in them is tenant text, and the
+# adapter appears only inside the masked integer vector.
+SECAGG = RECORD_KEY_CONFIGS
+SECAGG_REPLIES: dict[str, dict[str, str]] = {
+    Stage.SETUP: {Key.PUBLIC_KEY_1: "bytes", Key.PUBLIC_KEY_2: "bytes"},
+    Stage.SHARE_KEYS: {Key.DESTINATION_LIST: "list[int]", Key.CIPHERTEXT_LIST: "list[bytes]"},
+    Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS: "list[bytes]"},
+    Stage.UNMASK: {Key.NODE_ID_LIST: "list[int]", Key.SHARE_LIST: "list[bytes]"},
+}
+# The masked-vector stage also carries Flower's legacy FitRes records, from which the mod reads the
+# adapter and its weight: the mod empties the arrays before the reply leaves, and what remains is
+# the weight (the train reply's num-examples) and an empty OK status.
+FITRES_RECORDS: dict[str, tuple[type, dict[str, str]]] = {
+    "fitres.parameters": (ArrayRecord, {}),
+    "fitres.metrics": (ConfigRecord, {}),
+    "fitres.num_examples": (MetricRecord, {"num_examples": "int"}),
+    "fitres.status": (ConfigRecord, {"code": "int", "message": "str"}),
+}
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -91,8 +113,57 @@ def _allowed_string(key: str, value: object) -> bool:
     return value in rule if isinstance(rule, tuple) else rule.fullmatch(value) is not None
 
 
+def value_type(value: object) -> str:
+    """A record value's type as the allow-list names it: `int`, `bytes`, `list[bytes]`, ..."""
+    if isinstance(value, list):
+        inner = sorted({type(v).__name__ for v in value})
+        return f"list[{'|'.join(inner)}]" if inner else "list"
+    return type(value).__name__
+
+
+def _integer_vectors(blobs: list[bytes]) -> bool:
+    """Whether every blob is a NumPy integer array: a masked vector, never a float adapter."""
+    try:
+        return all(np.issubdtype(bytes_to_ndarray(b).dtype, np.integer) for b in blobs)
+    except (ValueError, OSError, EOFError):  # not a .npy array (np.load refuses pickles)
+        return False
+
+
+def _matches(spec: str | None, value: object) -> bool:
+    kind = value_type(value)
+    # An empty list carries nothing, whatever its elements would have been.
+    return spec is not None and (kind == spec or (kind == "list" and spec.startswith("list[")))
+
+
+def _secagg_disallowed(content: RecordDict, stage: str) -> list[tuple[str, str]]:
+    """The SecAgg+ reply of `stage`: exactly the stage's keys with their types (a missing key is
+    named too: the protocol reads the reply whole), plus the emptied FitRes of the masked stage."""
+    records: dict[str, tuple[type, dict[str, str]]] = {
+        SECAGG: (ConfigRecord, SECAGG_REPLIES[stage])
+    }
+    if stage == Stage.COLLECT_MASKED_VECTORS:
+        records |= FITRES_RECORDS
+    bad = [(name, "") for name in records if name not in content]
+    for name, record in content.items():
+        kind, fields = records.get(name, (type(None), {}))
+        if not isinstance(record, kind):
+            bad.append((name, ""))
+            continue
+        values = dict(record.items())
+        bad += [(name, k) for k, v in values.items() if not _matches(fields.get(k), v)]
+        bad += [(name, k) for k in fields if k not in values]
+    masked = content.config_records.get(SECAGG, ConfigRecord()).get(Key.MASKED_PARAMETERS)
+    if value_type(masked) == "list[bytes]" and not _integer_vectors(masked):  # type: ignore[arg-type]
+        bad.append((SECAGG, Key.MASKED_PARAMETERS))
+    if content.config_records.get("fitres.status", ConfigRecord()).get("message", "") != "":
+        bad.append(("fitres.status", "message"))  # no free text, not even in a status
+    return sorted(set(bad))
+
+
 def _disallowed(content: RecordDict, phase: str, arrays_allowed: bool) -> list[tuple[str, str]]:
     """(record, key) of every field the allow-list does not name; key '' for a whole record."""
+    if phase in SECAGG_REPLIES:
+        return _secagg_disallowed(content, phase)
     metrics = TRAIN_METRICS if phase == "train" else EVALUATE_METRICS
     bad: list[tuple[str, str]] = []
     for name, record in content.items():
@@ -100,9 +171,6 @@ def _disallowed(content: RecordDict, phase: str, arrays_allowed: bool) -> list[t
             bad += [(name, k) for k, v in record.items() if k not in metrics or isinstance(v, list)]
         elif isinstance(record, ConfigRecord) and name == INFO:
             bad += [(name, k) for k, v in record.items() if not _allowed_string(k, v)]
-        elif isinstance(record, ConfigRecord) and name == SECAGG_RECORD:
-            # Protocol fields are numbers, bytes (keys, ciphertexts) and lists of them.
-            bad += [(name, k) for k, v in record.items() if _has_text(v)]
         elif not (isinstance(record, ArrayRecord) and name == ARRAYS and arrays_allowed):
             bad.append((name, ""))
     return bad
@@ -114,12 +182,14 @@ def _names(bad: list[tuple[str, str]]) -> list[str]:
 
 def reply_violations(content: RecordDict, phase: str, arrays_allowed: bool) -> list[str]:
     """Every field of a reply that the allow-list does not name, as `record.key` (names only:
-    the values may be exactly what must not be repeated). Empty when the reply is allowed."""
+    the values may be exactly what must not be repeated). Empty when the reply is allowed.
+    `phase`: "train", "evaluate" or the SecAgg+ stage the reply answers (`SECAGG_REPLIES`)."""
     return _names(_disallowed(content, phase, arrays_allowed))
 
 
 def drop_disallowed(content: RecordDict, phase: str, arrays_allowed: bool) -> list[str]:
-    """Remove every field the allow-list does not name from a received reply; their names."""
+    """Remove every field the allow-list does not name from a received train or evaluate reply;
+    their names. (A SecAgg+ reply is read whole by the protocol: it is rejected, not trimmed.)"""
     bad = _disallowed(content, phase, arrays_allowed)
     for record, key in bad:
         if key:
@@ -127,12 +197,6 @@ def drop_disallowed(content: RecordDict, phase: str, arrays_allowed: bool) -> li
         else:
             del content[record]
     return _names(bad)
-
-
-def _has_text(value: object) -> bool:
-    if isinstance(value, list):
-        return any(_has_text(v) for v in value)
-    return isinstance(value, str)
 
 
 def error_reason(phase: str, error: BaseException) -> str:
@@ -166,6 +230,9 @@ class RunConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(256, alias="batch-size", ge=1)
     aggregation: Literal["none", "fedavg"] = "none"
+    # With fedavg: members' adapters are summed under Flower's SecAgg+, so that the server learns
+    # only each group's average. Off, the server receives every member's adapter in the clear.
+    secure_aggregation: bool = Field(True, alias="secure-aggregation")
     eval_sample_size: int = Field(16, alias="eval-sample-size", ge=1)
     min_nodes: int = Field(2, alias="min-nodes", ge=1)
     round_timeout: float = Field(1800.0, alias="round-timeout", gt=0)
@@ -174,6 +241,11 @@ class RunConfig(_Strict):
     round_table: str = Field("", alias="round-table")
     tenants_file: str = Field("", alias="tenants-file")
     audit_log: str = Field("", alias="audit-log")
+
+    @property
+    def secure(self) -> bool:
+        """Whether group averages are taken under SecAgg+ (both apps decide by this alone)."""
+        return self.aggregation == "fedavg" and self.secure_aggregation
 
 
 class TenantEntry(_Strict):

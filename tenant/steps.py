@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pema.adapter import CONFIG_FILE, AdapterConfig, load_adapter, save_adapter
+from pema.adapter import CONFIG_FILE, AdapterConfig, PemaAdapter, load_adapter, save_adapter
 from pema.backbone import MemoryMode
 from pema.data import read_pairs
 from pema.errors import PemaError
@@ -137,12 +138,8 @@ class RunSettings:
     def from_job(cls, job: Job) -> RunSettings:
         return cls(job.server_round, validated(RunConfig, job.run, "run config"))
 
-    @property
-    def aggregation(self) -> str:
-        return self.config.aggregation
 
-
-def shares_adapter(node: NodeConfig, run: RunSettings) -> bool:
+def shares_adapter(node: NodeConfig, run: RunConfig) -> bool:
     """The tenant's opt-in: its adapter leaves only when the run aggregates and its node config
     names a group (the server still decides whether it is averaged, and with whom)."""
     return run.aggregation == "fedavg" and bool(node.group)
@@ -228,8 +225,46 @@ def adapter_config(template: str, memory_mode: str = "teacher-forced") -> Adapte
     )
 
 
-def _tensors(arrays: Arrays | None) -> dict[str, torch.Tensor] | None:
-    return None if arrays is None else {k: torch.from_numpy(v) for k, v in arrays.items()}
+def upload_arrays(state: dict[str, torch.Tensor], clipping_range: float) -> list[np.ndarray]:
+    """The adapter as SecAgg+ sums it: its tensors in state_dict order, unnamed (the group's
+    average comes back in that order: `received_state`). SecAgg+ clips values to the clipping
+    range before quantizing them; an adapter beyond it fails here instead of being averaged
+    clipped."""
+    arrays = [t.detach().cpu().numpy() for t in state.values()]
+    largest = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
+    if largest > clipping_range:
+        raise PemaError(
+            f"adapter values reach {largest:.3g}, beyond SecAgg+'s clipping range "
+            f"+-{clipping_range:g}: they would be averaged clipped"
+        )
+    return arrays
+
+
+def adapter_names() -> list[str]:
+    """The round adapter's parameter names in state_dict order: the order `upload_arrays` sends
+    them in, and so the order of a SecAgg+ group average. (They depend on the adapter settings of
+    `adapter_config`, not on a tenant's template or memory mode.)"""
+    return list(PemaAdapter(adapter_config(DEFAULT_TEMPLATE)).state_dict())
+
+
+def received_state(arrays: Arrays | None, run: RunConfig) -> dict[str, torch.Tensor] | None:
+    """The group's average the server sent, if any, as a state dict: named in the clear, and
+    unnamed (float64, in `adapter_names` order) from SecAgg+."""
+    if arrays is None:
+        return None
+    if not run.secure:
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+    return named_state(list(arrays.values()), adapter_names())
+
+
+def named_state(arrays: list[np.ndarray], names: list[str]) -> dict[str, torch.Tensor]:
+    """A group average SecAgg+ returned (unnamed, float64) as this adapter's state dict."""
+    if len(arrays) != len(names):
+        raise PemaError(f"the group's average has {len(arrays)} arrays, this adapter {len(names)}")
+    return {
+        n: torch.from_numpy(np.asarray(a, dtype=np.float32))
+        for n, a in zip(names, arrays, strict=True)
+    }
 
 
 def _arrays(state: dict[str, torch.Tensor]) -> Arrays:
@@ -243,9 +278,9 @@ def train_step(
     loads = warm.loads
     torch.set_num_threads(node.threads)
     backend = warm.backend(node)
-    shared = shares_adapter(node, run)
+    shared = shares_adapter(node, run.config)
     # Start from the group's average when aggregating, else from this tenant's own checkpoint.
-    start_state = _tensors(received) if shared else None
+    start_state = received_state(received, run.config) if shared else None
     origin = "group" if start_state is not None else "init"
     if start_state is None and (node.adapter_dir / CONFIG_FILE).is_file():
         adapter, _ = load_adapter(node.adapter_dir, backend.backbone.info.revision)
@@ -299,8 +334,10 @@ def train_step(
     )  # fmt: skip
     record_round(node.metrics_path(), figures)
     info = {"group": node.group, "started-from": origin, "memory-mode": node.memory_mode}
-    # Only here does the adapter leave the tenant: the group's average needs it.
-    arrays = _arrays(outcome.adapter.state_dict()) if shared else None
+    # Only here does the adapter leave the tenant in the clear, when its group is averaged so;
+    # under secure aggregation it leaves only masked, through the ClientApp's SecAgg+ upload.
+    plain = shared and not run.config.secure
+    arrays = _arrays(outcome.adapter.state_dict()) if plain else None
     return StepResult(metrics, info, arrays)
 
 
@@ -312,7 +349,7 @@ def evaluate_step(
     torch.set_num_threads(node.threads)
     backend = warm.backend(node)
     adapter, doc = load_adapter(node.adapter_dir, backend.backbone.info.revision)
-    average = _tensors(received) if shares_adapter(node, run) else None
+    average = received_state(received, run.config) if shares_adapter(node, run.config) else None
     if average is not None:
         # The group's average becomes this tenant's checkpoint: the next round starts from it.
         adapter.load_state_dict(average)

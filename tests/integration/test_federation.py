@@ -2,12 +2,14 @@
 SuperLink (TLS, SuperNode authentication, Fleet API on its own port), authenticated
 flower-supernodes, `flwr run`, and a Prometheus server scraping each tenant's metrics exporter
 and the coordinator. Every message the ServerApp receives is recorded (run config `audit-log`)
-and checked against the reply allow-list. Every process is stopped at the end, also when a test
-fails.
+and checked against the reply allow-list; the secure-aggregation test also runs the apps
+instrumented (secagg_probe.py) to record every value server code sees. Every process is stopped
+at the end, also when a test fails.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -21,10 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 import torch
+from flwr.app import Array
+from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 from safetensors.torch import load_file
+from secagg_probe import TAMPERED_FIELD, probe_app, read_record
 from tiny_model import KJV, save_tiny_model
 
 from pema.adapter import WEIGHTS_FILE
@@ -42,7 +48,18 @@ from tenant.demo import (
     wait_for,
     write_pairs,
 )
-from tenant.federation import ARRAYS, EVALUATE_METRICS, INFO, INFO_FIELDS, METRICS, TRAIN_METRICS
+from tenant.federation import (
+    ARRAYS,
+    EVALUATE_METRICS,
+    FITRES_RECORDS,
+    INFO,
+    INFO_FIELDS,
+    METRICS,
+    SECAGG,
+    SECAGG_REPLIES,
+    TRAIN_METRICS,
+)
+from tenant.steps import adapter_names
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ROUNDS = 2
@@ -67,12 +84,14 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     model = save_tiny_model(workdir / "model")
     run = uuid.uuid4().hex[:8]
     tenants = {m: [f"fed-{m}-{run}-{i}" for i in range(2)] for m in MODES}
+    tenants["secure"] = [f"fed-secure-{run}-{i}" for i in range(4)]
     tokens = {t: uuid.uuid4().hex for ts in tenants.values() for t in ts}
     procs = Processes(workdir / "logs")
     try:
         coordinator, coordinator_metrics = start_coordinator(procs, model, tokens, workdir)
-        all_tenants = [t for ts in tenants.values() for t in ts]
-        metrics = start_metrics(procs, workdir, [coordinator_metrics.split("/")[2]], all_tenants)
+        # Metrics are checked in the two-tenant runs only.
+        scraped = [t for m in MODES for t in tenants[m]]
+        metrics = start_metrics(procs, workdir, [coordinator_metrics.split("/")[2]], scraped)
         assert metrics is not None
         yield Services(workdir, tenants, tokens, coordinator, coordinator_metrics, metrics)
     finally:
@@ -94,7 +113,11 @@ def assert_only_allowed(audit: Path, aggregation: str, private: list[str]) -> li
         assert "dropped" not in e, e
         if "error" in e:
             if e["error"]["code"] == 2:  # raised in the ClientApp: the tenant's own reply
-                assert re.fullmatch(r"(train|evaluate)-failed:\w+", e["error"]["reason"]), e
+                reason = e["error"]["reason"]
+                assert re.fullmatch(r"(train|evaluate|upload|secagg)-failed:\w+", reason), e
+            continue
+        if "stage" in e:
+            assert_secagg_entry(e)
             continue
         allowed = TRAIN_METRICS if e["type"] == "train" else EVALUATE_METRICS
         for record, fields in e["records"].items():
@@ -110,6 +133,20 @@ def assert_only_allowed(audit: Path, aggregation: str, private: list[str]) -> li
                 assert aggregation == "fedavg" and e["type"] == "train", e
     assert_absent(private, audit)
     return entries
+
+
+def assert_secagg_entry(e: dict) -> None:
+    """A SecAgg+ reply as the audit log shows it: the stage's protocol fields with their types,
+    and in the masked-vector stage the FitRes records with an empty ArrayRecord; no arrays."""
+    assert e["type"] == "train" and e["stage"] in SECAGG_REPLIES, e
+    expected = {f"{SECAGG}:ConfigRecord": SECAGG_REPLIES[e["stage"]]}
+    if e["stage"] == Stage.COLLECT_MASKED_VECTORS:
+        expected |= {f"{n}:{kind.__name__}": f for n, (kind, f) in FITRES_RECORDS.items()}
+    records = dict(e["records"])
+    if "rejected" in e:  # the tampering tenant: its extra field is named, nothing else
+        assert e["rejected"] == [f"{SECAGG}.{TAMPERED_FIELD}"], e
+        assert records[f"{SECAGG}:ConfigRecord"].pop(TAMPERED_FIELD) == "str", e
+    assert records == expected, e
 
 
 def assert_absent(private: list[str], *files: Path) -> None:
@@ -160,6 +197,9 @@ def test_two_tenants_two_rounds(services: Services, aggregation: str) -> None:
             {
                 "num-server-rounds": ROUNDS,
                 "aggregation": aggregation,
+                # fedavg in the clear: the server reads each adapter (the secure path has its own
+                # test below).
+                "secure-aggregation": False,
                 "eval-sample-size": 2,
                 "shard-pairs": 8,
                 "audit-log": str(run_dir / "audit.jsonl"),
@@ -309,6 +349,8 @@ def test_trust_boundaries_and_a_tenant_killed_mid_round(services: Services) -> N
             {
                 "num-server-rounds": 3,
                 "aggregation": "fedavg",
+                # In the clear, so that A's adapter does reach the server and must be ignored.
+                "secure-aggregation": False,
                 "eval-sample-size": 1,
                 "min-nodes": 1,  # a round must not wait for a tenant that died
                 "round-timeout": 240.0,
@@ -405,3 +447,132 @@ def test_rounds_through_a_worker_keep_the_head_and_memories_warm(services: Servi
         (n, "train: train-failed:WorkerUnavailable") for n in (1, 2, 3)
     ]
     assert_only_allowed(run_dir / "audit.jsonl", "none", [str(run_dir)])
+
+
+def test_secure_aggregation_sums_a_group_without_showing_a_member(services: Services) -> None:
+    """fedavg under SecAgg+ (the default), with the apps instrumented (secagg_probe.py):
+    - A, B and C are in group kjv; C tampers with its masked-vector reply (a stray text field):
+      the server rejects that reply, the protocol counts C as dropped out and removes its masks,
+      and the average is A's and B's;
+    - D is alone in group solo: SecAgg+ needs two members, so D is not averaged and its adapter
+      never leaves it;
+    - every value that reached server code is recorded: no adapter array, only keys, shares and
+      masked integer vectors; the average the server sends back equals the mean of A's and B's
+      freshly trained adapters (the probe's tenant-side copies) to quantization tolerance."""
+    run_dir = services.workdir / "secure"
+    a, b, c, d = services.tenants["secure"]
+    groups = {a: "kjv", b: "kjv", c: "kjv", d: "solo"}
+    app = probe_app(Path(__file__).resolve().parents[2], run_dir / "app")
+    procs = Processes(run_dir / "logs")
+    try:
+        fed = Federation(procs, run_dir)
+        for i, tenant in enumerate(groups):
+            pairs = read_pairs(KJV / "train.tsv", 1000 * i + 24)[1000 * i :]
+            fed.add_node(
+                tenant,
+                {
+                    "tenant-id": tenant,
+                    "token": services.tokens[tenant],
+                    "coordinator": services.coordinator,
+                    "train": write_pairs(run_dir / f"train-{i}.tsv", pairs),
+                    "valid": KJV / "valid.tsv",
+                    "max-valid-pairs": 8,
+                    "adapter-dir": run_dir / "adapters" / tenant,
+                    "redis-url": REDIS_URL,
+                    "cache-dir": run_dir / "cache",
+                    "aggregation-group": groups[tenant],
+                },
+            )
+        (run_dir / "adapters").mkdir(parents=True, exist_ok=True)
+        (run_dir / "adapters" / f"{c}.tamper").touch()
+        table = fed.run(
+            {
+                "num-server-rounds": ROUNDS,
+                "aggregation": "fedavg",
+                "eval-sample-size": 1,
+                "min-nodes": 4,
+                "audit-log": str(run_dir / "audit.jsonl"),
+            },
+            timeout=1200,
+            app=app,
+        )
+    finally:
+        procs.stop_all()
+    print(table.read_text())
+    rows = read_rows(table)
+    assert sorted((r["round"], r["tenant"]) for r in rows) == sorted(
+        (rnd, t) for rnd in range(1, ROUNDS + 1) for t in groups
+    )
+    for r in rows:
+        assert "error" not in r, r
+        # No train reply carried an adapter: under SecAgg+ they leave only masked.
+        assert r["arrays-sent"] == 0, r
+        if r["group"] == "kjv":
+            assert r["averaged"] == 2 and r["secagg-seconds"] > 0, r
+            assert r["started-from"] == ("init" if r["round"] == 1 else "group"), r
+        else:
+            assert r["averaged"] == 0, r
+            assert r["started-from"] == ("init" if r["round"] == 1 else "checkpoint"), r
+        assert r["round-wall-seconds"] >= r["train-wall-seconds"], r
+    log = (run_dir / "flwr-rounds.log").read_text()
+    assert "group 'solo' has 1 member(s) that trained; SecAgg+ needs 2: not averaged" in log
+    assert "reply not on the allow-list" in log and "counted as a dropout" in log
+    assert_only_allowed(run_dir / "audit.jsonl", "fedavg", [])
+
+    node_of = {r["tenant"]: r["node"] for r in rows}
+    tenant_of = {n: t for t, n in node_of.items()}
+    record = read_record(run_dir / "audit.probe.pkl")
+    received = [e for e in record if e["dir"] == "in"]
+    sent = [e for e in record if e["dir"] == "out"]
+    # The protocol ran with the group's members only, D never got a SecAgg+ message.
+    assert {tenant_of[e["node"]] for e in sent if e["stage"]} == {a, b, c}
+    assert {e["stage"] for e in received if e["stage"]} == set(SECAGG_REPLIES)
+
+    order = adapter_names()
+    own = {
+        (t, rnd): load_file(str(run_dir / "adapters" / f"{t}.round{rnd}.safetensors"))
+        for t in groups
+        for rnd in range(1, ROUNDS + 1)
+    }
+    # (b) Nothing that reached server code holds an adapter: no array at all, no float vector,
+    # not even the bytes of one of a member's tensors.
+    blobs: list[bytes] = []
+    for e in received:
+        for name, fields in e["records"].items():
+            for key, value in fields.items():
+                assert not isinstance(value, np.ndarray | Array), (e["stage"], name, key)
+                items = value if isinstance(value, list) else [value]
+                blobs += [v for v in items if isinstance(v, bytes)]
+        masked = e["records"].get(SECAGG, {}).get(Key.MASKED_PARAMETERS)
+        if masked is not None:
+            assert all(np.load(io.BytesIO(v)).dtype.kind in "iu" for v in masked)
+    assert blobs
+    tensors = [t.numpy().tobytes() for state in own.values() for t in state.values() if t.any()]
+    assert tensors and not any(t in blob for t in tensors for blob in blobs)
+
+    # (a) What the server averaged, as it sends it back to every kjv member in evaluate, is the
+    # mean of A's and B's adapters of that round (equal weights: 24 pairs each), C's left out.
+    for rnd in range(1, ROUNDS + 1):
+        evaluate = [
+            e
+            for e in sent
+            if e["type"] == "evaluate" and round_of(e) == rnd and ARRAYS in e["records"]
+        ]
+        assert {tenant_of[e["node"]] for e in evaluate} == {a, b, c}, rnd
+        average = list(evaluate[0]["records"][ARRAYS].values())
+        assert len(average) == len(order)
+        off_c = 0.0  # how far the average is from one that would include C
+        for name, got in zip(order, average, strict=True):
+            mean = (own[(a, rnd)][name] + own[(b, rnd)][name]).numpy() / 2
+            assert np.allclose(got, mean, rtol=0, atol=1e-5), (rnd, name)
+            with_c = (2 * mean + own[(c, rnd)][name].numpy()) / 3
+            off_c = max(off_c, float(np.abs(got - with_c).max()))
+        assert off_c > 1e-4, rnd
+    # Every kjv member ends on the last average; D on its own adapter.
+    final = {t: weights(run_dir / "adapters" / t) for t in groups}
+    assert all(torch.equal(final[a][k], final[t][k]) for t in (b, c) for k in final[a])
+    assert all(torch.equal(final[d][k], own[(d, ROUNDS)][k]) for k in final[d])
+
+
+def round_of(entry: dict) -> int:
+    return int(entry["records"]["config"]["server-round"])

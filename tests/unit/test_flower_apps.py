@@ -5,14 +5,43 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import (
+    Code,
+    FitRes,
+    Status,
+    ndarray_to_bytes,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.task_identity import TaskIdentity
 
 from coordinator.flower_server import GroupedFedAvg, format_table, load_tenants
+from pema.adapter import PemaAdapter, save_adapter
 from pema.errors import PemaError
-from tenant.federation import INFO, METRICS, RunConfig, drop_disallowed, reply_violations
+from pema.prompts import DEFAULT_TEMPLATE
+from tenant.federation import (
+    INFO,
+    METRICS,
+    SECAGG,
+    RunConfig,
+    drop_disallowed,
+    reply_violations,
+)
 from tenant.federation import validated as validated_config
-from tenant.steps import NodeConfig
+from tenant.flower_client import upload
+from tenant.steps import (
+    NodeConfig,
+    adapter_config,
+    adapter_names,
+    named_state,
+    upload_arrays,
+)
 
 NODE = {"tenant-id": "acme", "train": "t.tsv", "valid": "v.tsv", "adapter-dir": "a"}
 
@@ -151,3 +180,145 @@ def test_the_summary_line_averages_within_groups_only() -> None:
         "evaluate", [row("a", "kjv", 10.0), row("b", "kjv", 20.0), row("c", "", 1.0)]
     )
     assert dict(means) == {"kjv/bleu": 15.0, "c/bleu": 1.0}
+
+
+def test_secure_aggregation_is_on_with_fedavg_unless_turned_off() -> None:
+    def run(**values: object) -> RunConfig:
+        return validated_config(RunConfig, values, "run config")
+
+    assert run(aggregation="fedavg").secure
+    assert not run(aggregation="fedavg", **{"secure-aggregation": False}).secure
+    assert not run(aggregation="none").secure  # nothing is averaged, nothing to secure
+
+
+def masked(*arrays: np.ndarray) -> list[bytes]:
+    return [ndarray_to_bytes(a) for a in arrays]
+
+
+def secagg_reply(stage: str, **fields: object) -> RecordDict:
+    """A SecAgg+ reply as secaggplus_mod builds it; the masked stage's with its emptied FitRes."""
+    content = RecordDict()
+    if stage == Stage.COLLECT_MASKED_VECTORS:
+        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.ones(2)]), 24, {})
+        content = compat.fitres_to_recorddict(fitres, keep_input=False)
+        content.array_records["fitres.parameters"].clear()
+    content[SECAGG] = ConfigRecord(fields)  # type: ignore[arg-type]
+    return content
+
+
+GOOD = {
+    Stage.SETUP: {Key.PUBLIC_KEY_1: b"pk1", Key.PUBLIC_KEY_2: b"pk2"},
+    Stage.SHARE_KEYS: {Key.DESTINATION_LIST: [7, 9], Key.CIPHERTEXT_LIST: [b"c7", b"c9"]},
+    Stage.COLLECT_MASKED_VECTORS: {
+        Key.MASKED_PARAMETERS: masked(np.array([3], np.int64), np.arange(4, dtype=np.int64))
+    },
+    Stage.UNMASK: {Key.NODE_ID_LIST: [7], Key.SHARE_LIST: [b"share"]},
+}
+
+
+@pytest.mark.parametrize("stage", list(GOOD))
+def test_each_secagg_stage_reply_carries_exactly_its_protocol_fields(stage: str) -> None:
+    assert reply_violations(secagg_reply(stage, **GOOD[stage]), stage, False) == []
+    # Text, a missing field or a field of another stage is named; so is a record of anything else.
+    extra = secagg_reply(stage, **GOOD[stage], note="hello")
+    assert reply_violations(extra, stage, False) == [f"{SECAGG}.note"]
+    first = next(iter(GOOD[stage]))
+    missing = secagg_reply(stage, **{k: v for k, v in GOOD[stage].items() if k != first})
+    assert reply_violations(missing, stage, False) == [f"{SECAGG}.{first}"]
+    with_metrics = secagg_reply(stage, **GOOD[stage])
+    with_metrics[METRICS] = MetricRecord({"train-loss": 1.0})
+    assert reply_violations(with_metrics, stage, False) == [METRICS]
+    other = Stage.UNMASK if stage != Stage.UNMASK else Stage.SETUP
+    assert reply_violations(secagg_reply(stage, **GOOD[other]), stage, False)
+
+
+def test_a_masked_vector_stage_reply_never_carries_an_adapter() -> None:
+    stage = Stage.COLLECT_MASKED_VECTORS
+    adapter = np.full((2, 3), 0.25, np.float32)
+    # The adapter itself in place of the masked vector: floats, refused.
+    raw = secagg_reply(stage, **{Key.MASKED_PARAMETERS: masked(np.array([3]), adapter)})
+    assert reply_violations(raw, stage, False) == [f"{SECAGG}.{Key.MASKED_PARAMETERS}"]
+    garbage = secagg_reply(stage, **{Key.MASKED_PARAMETERS: [b"not an array"]})
+    assert reply_violations(garbage, stage, False) == [f"{SECAGG}.{Key.MASKED_PARAMETERS}"]
+    # The FitRes arrays not emptied (the mod did not run), or a status with text: refused.
+    unmasked = secagg_reply(stage, **GOOD[stage])
+    unmasked.array_records["fitres.parameters"] = ArrayRecord([adapter])
+    assert reply_violations(unmasked, stage, False) == ["fitres.parameters.0"]
+    chatty = secagg_reply(stage, **GOOD[stage])
+    chatty.config_records["fitres.status"]["message"] = "trained on /data/acme.tsv"
+    assert reply_violations(chatty, stage, False) == ["fitres.status.message"]
+
+
+def test_an_upload_fails_rather_than_have_its_adapter_clipped() -> None:
+    state = {"A": torch.tensor([[0.5, -0.25]]), "B": torch.tensor([7.9])}
+    arrays = upload_arrays(state, clipping_range=8.0)
+    assert [a.tolist() for a in arrays] == [[[0.5, -0.25]], [7.900000095367432]]
+    with pytest.raises(PemaError, match="clipping range"):
+        upload_arrays({**state, "C": torch.tensor([-8.5])}, clipping_range=8.0)
+
+
+def test_a_group_average_comes_back_in_the_adapters_parameter_order() -> None:
+    names = adapter_names()
+    adapter = PemaAdapter(adapter_config(DEFAULT_TEMPLATE))
+    arrays = upload_arrays(adapter.state_dict(), clipping_range=8.0)
+    # What SecAgg+ returns: unnamed float64 arrays, in the order they were sent.
+    state = named_state([a.astype(np.float64) for a in arrays], names)
+    assert list(state) == names == list(adapter.state_dict())
+    adapter.load_state_dict(state)
+    with pytest.raises(PemaError, match="has 2 arrays, this adapter 3"):
+        named_state(arrays[:2], names)
+
+
+def test_a_group_with_one_member_that_trained_is_not_averaged_under_secagg() -> None:
+    s = GroupedFedAvg("fedavg", 1, None, {"a": "solo"}, secure=True)
+    # No protocol, no grid needed: a lone member's sum would be its own adapter.
+    assert s.secure_average(1, "solo", {5: 24}) == (None, 0)
+    with pytest.raises(PemaError, match="needs the grid"):
+        s.secure_average(1, "kjv", {5: 24, 6: 24})
+
+
+@pytest.fixture
+def run_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run, node and task of a Flower process (its runtime sets them; messages are stamped
+    with them)."""
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def upload_request(clipping_range: float = 8.0) -> Message:
+    content = RecordDict(
+        {
+            "fitins.config": ConfigRecord({"server-round": 1, "clipping-range": clipping_range}),
+            SECAGG: ConfigRecord({}),
+        }
+    )
+    return Message(content, dst_node_id=2, message_type="train")
+
+
+def test_the_upload_sends_the_trained_adapter_to_the_secagg_mod_only_when_opted_in(
+    tmp_path: Path, run_identity: None
+) -> None:
+    adapter = PemaAdapter(adapter_config(DEFAULT_TEMPLATE))
+    save_adapter(adapter, tmp_path / "a", extra={"training": {"train_pairs": 24}})
+    node = {**NODE, "adapter-dir": str(tmp_path / "a"), "aggregation-group": "kjv"}
+    runs = {"aggregation": "fedavg"}
+    ctx = Context(run_id=1, node_id=2, node_config=node, state=RecordDict(), run_config=runs)
+    reply = upload(upload_request(), ctx)
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    assert fitres.num_examples == 24
+    sent = parameters_to_ndarrays(fitres.parameters)
+    expected = adapter.state_dict()
+    assert all(
+        np.array_equal(a, expected[n].numpy()) for a, n in zip(sent, adapter_names(), strict=True)
+    )
+    # The clipping check fails the upload with its class only.
+    clipped = upload(upload_request(clipping_range=1e-9), ctx)
+    assert clipped.has_error() and clipped.error.reason == "upload-failed:PemaError"
+    # A tenant in no group, or a run that averages in the clear, never uploads through SecAgg+.
+    for n, r in (
+        ({**node, "aggregation-group": ""}, runs),
+        (node, {**runs, "secure-aggregation": False}),
+    ):
+        ctx = Context(run_id=1, node_id=2, node_config=n, state=RecordDict(), run_config=r)
+        refused = upload(upload_request(), ctx)
+        assert refused.has_error() and refused.error.reason == "upload-failed:PemaError"
