@@ -111,6 +111,11 @@ def summarize(rows: dict[str, list[dict]]) -> dict[str, Any]:
             "train_wall_median_s": statistics.median(per_round(got, "train-wall-seconds")),
             "averaged": sorted({int(r["averaged"]) for r in got}),
         }
+    # The average is the same up to quantization: so should be what the tenants then measure.
+    for key in ("valid-loss", "bleu"):
+        out[key] = {
+            name: sorted({round(float(r[key]), 3) for r in got}) for name, got in rows.items()
+        }
     secagg = per_round(rows["secagg"], "secagg-seconds")
     out["secagg"]["secagg_s"] = secagg
     out["secagg"]["secagg_median_s"] = statistics.median(secagg)
@@ -132,7 +137,7 @@ def write_report(doc: dict[str, Any]) -> None:
         f"thread(s); {doc['machine']}. Produced by `python -m benchmarks.secagg --pairs "
         f"{a['pairs']} --rounds {a['rounds']} --repeats {a['repeats']}`.",
         "",
-        f"**Machine**: {doc['load']}",
+        f"**Machine**: {doc['load']}" + (f" {a['note']}" if a.get("note") else ""),
         "",
         "| setting | round wall s (median) | train wall s (median) | SecAgg+ s (median) "
         "| adapters averaged |",
@@ -148,6 +153,10 @@ def write_report(doc: dict[str, Any]) -> None:
         f"{secure['secagg_median_s']:.1f} s (median). Every round, in run order "
         f"(clear / SecAgg+): {', '.join(f'{x:.1f}' for x in clear['round_wall_s'])} / "
         f"{', '.join(f'{x:.1f}' for x in secure['round_wall_s'])} s.",
+        "",
+        f"What the tenants measured on the group's average, every round and run (clear / "
+        f"SecAgg+): valid loss {s['valid-loss']['clear']} / {s['valid-loss']['secagg']}, BLEU "
+        f"{s['bleu']['clear']} / {s['bleu']['secagg']}.",
         "",
     ]
     (RESULTS / "secagg.md").write_text("\n".join(lines))
@@ -177,6 +186,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--note", default="", help="what else ran on the machine, for the report")
     args = p.parse_args()
     if not redis_up():
         print(f"Redis is not answering at {REDIS_URL}", file=sys.stderr)

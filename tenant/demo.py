@@ -100,6 +100,18 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def config_text(values: dict[str, Any], quote: str) -> str:
+    """`key=value ...` as `--node-config` and `--run-config` read it: TOML values, so booleans
+    are lower-case; strings in `quote` (`"` lets TOML escapes through, `'` keeps text literal)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return str(v) if isinstance(v, int | float) else f"{quote}{v}{quote}"
+
+    return " ".join(f"{k}={value(v)}" for k, v in values.items())
+
+
 def copy_plain(source: IO[str], out: IO[str]) -> None:
     """Copy a process's output into its log line by line (readers poll the file), uncoloured."""
     with out:
@@ -324,10 +336,7 @@ class Federation:
 
     def start_node(self, name: str, node_config: dict[str, Any]) -> subprocess.Popen[str]:
         """A SuperNode for one tenant, with its own key (made on first use); not waited for."""
-        text = " ".join(
-            f"{k}={v}" if isinstance(v, int | float) else f'{k}="{v}"'
-            for k, v in node_config.items()
-        )
+        text = config_text(node_config, quote='"')
         tenant = str(node_config["tenant-id"])
         script(ROOT / "scripts" / "supernode_keys.py", self.keys, tenant)
         return self.procs.start(
@@ -388,9 +397,7 @@ class Federation:
         doc = {"tenants": {t: {"group": g} for t, g in self.groups.items()}}
         tenants.write_text(json.dumps(doc))
         cfg = {**run_config, "round-table": str(table), "tenants-file": str(tenants)}
-        text = " ".join(
-            f"{k}={v}" if isinstance(v, int | float) else f"{k}='{v}'" for k, v in cfg.items()
-        )
+        text = config_text(cfg, quote="'")
         log = self.workdir / f"flwr-{name}.log"
         args = [str(BIN / "flwr"), "run", str(app), "local-test", "--stream"]
         with log.open("w") as out:
@@ -578,7 +585,11 @@ def main(argv: list[str] | None = None) -> int:
         "model's own outputs (default: teacher-forced)",
     )
     p.add_argument(
-        "--timeout", type=float, default=14 * 60, help="seconds for the whole run (default: 840)"
+        # SecAgg+ adds four ClientApp start-ups per round to the kjv tenants (README, Security).
+        "--timeout",
+        type=float,
+        default=20 * 60,
+        help="seconds for the whole run (default: 1200)",
     )
     p.add_argument(
         "--out",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common import (
     Code,
     FitRes,
@@ -17,6 +18,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.config import parse_config_args
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.task_identity import TaskIdentity
@@ -25,6 +27,7 @@ from coordinator.flower_server import GroupedFedAvg, format_table, load_tenants
 from pema.adapter import PemaAdapter, save_adapter
 from pema.errors import PemaError
 from pema.prompts import DEFAULT_TEMPLATE
+from tenant.demo import config_text
 from tenant.federation import (
     INFO,
     METRICS,
@@ -34,7 +37,7 @@ from tenant.federation import (
     reply_violations,
 )
 from tenant.federation import validated as validated_config
-from tenant.flower_client import upload
+from tenant.flower_client import Handler, secure_aggregation, upload
 from tenant.steps import (
     NodeConfig,
     adapter_config,
@@ -322,3 +325,77 @@ def test_the_upload_sends_the_trained_adapter_to_the_secagg_mod_only_when_opted_
         ctx = Context(run_id=1, node_id=2, node_config=n, state=RecordDict(), run_config=r)
         refused = upload(upload_request(), ctx)
         assert refused.has_error() and refused.error.reason == "upload-failed:PemaError"
+
+
+def test_config_text_is_what_flwr_parses_booleans_included() -> None:
+    values = {"rounds": 3, "lr": 0.5, "secure-aggregation": False, "audit-log": "/tmp/a b.jsonl"}
+    for quote in ("'", '"'):
+        assert parse_config_args([config_text(values, quote)]) == values
+
+
+def stage_message(node: int, fields: dict[str, object]) -> Message:
+    return Message(
+        RecordDict({SECAGG: ConfigRecord(fields)}), dst_node_id=node, message_type="train"
+    )  # type: ignore[arg-type]
+
+
+def test_the_secagg_mod_sends_only_allowed_replies_and_private_errors(run_identity: None) -> None:
+    """Two tenants' side of SecAgg+ up to the masked vectors, in this process (Flower's own
+    secaggplus_mod under `secure_aggregation`): each reply is on the allow-list for its stage; a
+    masked-vector reply the step padded with another record is refused, and a step that failed
+    passes its private reason on."""
+    nodes = [11, 22]
+    contexts = {
+        n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+        for n in nodes
+    }
+
+    def never(msg: Message, context: Context) -> Message:
+        raise AssertionError("no step before the masked-vector stage")
+
+    setup = {
+        Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 2, Key.SHARE_NUMBER: 2, Key.THRESHOLD: 2,
+        Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 2**22, Key.MOD_RANGE: 2**32,
+        Key.MAX_WEIGHT: 24.0,
+    }  # fmt: skip
+    keys: dict[str, object] = {}
+    for n in nodes:
+        reply = secure_aggregation(stage_message(n, setup), contexts[n], never)
+        assert not reply.has_error() and reply_violations(reply.content, Stage.SETUP, False) == []
+        r = reply.content[SECAGG]
+        keys[str(n)] = [r[Key.PUBLIC_KEY_1], r[Key.PUBLIC_KEY_2]]
+    sent: dict[int, dict[int, bytes]] = {}  # source -> destination -> ciphertext
+    for n in nodes:
+        share = {Key.STAGE: Stage.SHARE_KEYS, **keys}
+        reply = secure_aggregation(stage_message(n, share), contexts[n], never)
+        r = reply.content[SECAGG]
+        sent[n] = dict(zip(r[Key.DESTINATION_LIST], r[Key.CIPHERTEXT_LIST], strict=True))  # type: ignore[arg-type]
+
+    def collect(step: Handler) -> Message:
+        node, other = nodes
+        fields = {
+            Key.STAGE: Stage.COLLECT_MASKED_VECTORS,
+            Key.CIPHERTEXT_LIST: [sent[other][node]],
+            Key.SOURCE_LIST: [other],
+        }
+        # A fresh copy of the node's protocol state for each way the step can end.
+        return secure_aggregation(stage_message(node, fields), copy.deepcopy(contexts[node]), step)
+
+    def adapter(msg: Message, context: Context) -> Message:
+        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.ones(3)]), 24, {})
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+    def padded(msg: Message, context: Context) -> Message:
+        reply = adapter(msg, context)
+        reply.content[METRICS] = MetricRecord({"train-loss": 1.0})
+        return reply
+
+    def failed(msg: Message, context: Context) -> Message:
+        return Message(Error(2, "upload-failed:AdapterError"), reply_to=msg)
+
+    masked = collect(adapter)
+    assert not masked.has_error()
+    assert reply_violations(masked.content, Stage.COLLECT_MASKED_VECTORS, False) == []
+    assert len(masked.content.array_records["fitres.parameters"]) == 0
+    assert collect(padded).error.reason == "secagg-failed:PemaError"
+    assert collect(failed).error.reason == "upload-failed:AdapterError"
