@@ -165,6 +165,9 @@ spec:
             - {{name: home, mountPath: /home/pema}}
             - {{name: flwr-tls, mountPath: /etc/flwr-tls, readOnly: true}}
             - {{name: flwr-auth, mountPath: /etc/flwr-auth, readOnly: true}}
+            # SecAgg+'s masked-vector stage (tenant/flower_client.py upload) masks the adapter
+            # checkpoint the worker wrote this round: read-only.
+            - {{name: state, mountPath: /var/lib/pema, readOnly: true}}
         # Runs the tenant's train and evaluate steps (`pema-tenant worker`, tenant/worker.py) and
         # keeps torch, the model's head and tokenizer and the memories loaded between rounds; a
         # restart loses only that. It holds no credentials: they come with each step.

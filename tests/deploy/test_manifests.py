@@ -314,7 +314,8 @@ def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
             assert pairs["coordinator"] == "coordinator:50051"
             # The steps run in the worker container, on the socket the node config names, in a
             # volume that only the supernode and worker containers share; the container that
-            # talks to the federation mounts none of the tenant's data or state.
+            # talks to the federation mounts none of the tenant's data, and its state only
+            # read-only (SecAgg+'s upload masks the adapter checkpoint the worker wrote).
             worker = containers["worker"]
             serve = ["pema-tenant", "worker", f"--socket={pairs['worker-socket']}"]
             assert worker["command"] == serve, where
@@ -328,7 +329,8 @@ def test_tenant_statefulsets(rendered: dict[str, list[Obj]]) -> None:
             }
             assert sharing == {"supernode": {"worker"}, "worker": {"worker"}, "metrics": set()}
             assert "emptyDir" in volumes["worker"], where
-            assert not {"data", "state"} & {m["name"] for m in c["volumeMounts"]}, where
+            mounts = {m["name"]: m for m in c["volumeMounts"]}
+            assert "data" not in mounts and mounts["state"].get("readOnly") is True, where
             assert not [e for e in worker.get("env", []) if "valueFrom" in e], where  # no secrets
             # The metrics container serves the file the steps record, read-only.
             exporter = containers["metrics"]
