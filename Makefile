@@ -24,7 +24,7 @@ demo: setup metrics-deps
 	$(BIN)/python -m tenant.demo
 
 test: setup metrics-deps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit

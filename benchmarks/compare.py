@@ -55,7 +55,14 @@ PAPER_TRAIN = dict(rct_batch_size=20480, batch_size=2048)
 METHODS: dict[str, Method] = {
     "copy": Method("copy the source", "copy", seeded=False),
     "untuned": Method("untuned model", "untuned", seeded=False),
-    "pema": Method("PEMA, shipped default (pema-tenant train)", "pema"),
+    "pema": Method(
+        "PEMA, shipped default (pema-tenant train: source prior β chosen on valid, fixed)", "pema"
+    ),
+    "pema-noprior": Method(
+        "PEMA without source prior (the previous default: residual r 64, λ 0.25)",
+        "pema",
+        {"source_prior": 0.0},
+    ),
     "prior-only": Method(
         "untuned model + source prior β 3 (no training)",
         "pema",
@@ -132,7 +139,7 @@ METHODS: dict[str, Method] = {
     ),
 }
 # The order cells run in: the core comparison first, so a cut-short run still has it.
-CORE = ["copy", "untuned", "pema", "lora", "prior-only", "pema-prior"]
+CORE = ["copy", "untuned", "pema", "lora", "pema-noprior", "prior-only", "pema-prior"]
 
 
 @dataclass(frozen=True)
@@ -325,19 +332,82 @@ def train_from_memories(
             **train_settings,
         }
     )
-    torch.manual_seed(seed)
-    adapter = PemaAdapter(config)
     sources = (
         [fmt.prior_ids(x.source) for x in r.train],
         [fmt.prior_ids(x.source) for x in r.stop],
     )
+    torch.manual_seed(seed)
+    adapter = PemaAdapter(config)
     report = train_adapter(adapter, head, train_mem, stop_mem, cfg, sources=sources)
     return adapter, cfg, report, rho
 
 
-def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
+def pema_settings(method: Method) -> dict[str, Any]:
+    """The AdapterConfig settings of a PEMA row: the shipped defaults, changed by the method."""
+    from tenant.cli import BEST
+
+    return {
+        **{k: BEST[k] for k in ("variant", "rank", "key_norm", "kappa", "alpha", "dropout")
+           if k in BEST},
+        "lambda_max": BEST["lambda_max"],
+        "schedule": BEST["schedule"],
+        **method.adapter,
+    }  # fmt: skip
+
+
+def chooses_prior(method: Method) -> bool:
+    """The shipped default picks β on valid as `pema-tenant train` does; other rows set theirs."""
+    from tenant.cli import BEST
+
+    return "source_prior" not in method.adapter and BEST["source_prior"] == "auto"
+
+
+def prior_choice_cell(p: Protocol) -> dict[str, Any]:
+    """With the model: the source prior `pema-tenant train` would choose for these rows (on the
+    valid prefix, from the untrained adapter), and each β's chrF there."""
+    from pema.adapter import AdapterConfig
+    from pema.evaluation import choose_source_prior
+    from pema.prompts import TASK_TEMPLATES, PromptFormat
+    from pema.settings import PriorChoice
+
+    r = rows(p)
+    lm, tokenizer = _frozen(p)
+    fmt = PromptFormat(tokenizer, TASK_TEMPLATES[p.task])
+    config = AdapterConfig(
+        hidden_size=lm.info.hidden_size,
+        rho=_rho(fmt, r.train),
+        template=fmt.template,
+        **pema_settings(METHODS["pema"]),
+    )
+    chosen, chrf = choose_source_prior(PriorChoice(), config, lm, fmt, r.select, p.batch_size)
+    return {
+        "source_prior": chosen.source_prior,
+        "lambda_max": chosen.lambda_max,
+        "valid_chrf": {str(b): c for b, c in chrf.items()},
+    }
+
+
+def ensure_prior_choice(p: Protocol) -> dict[str, Any]:
+    """`prior_choice_cell` in a process of its own (the model must not count in the training
+    cell's peak RSS), once per protocol: its result is kept beside the memories."""
+    path = _memory_path(p, "prior-choice", "json")
+    if not path.is_file():
+        cmd = [sys.executable, "-m", "benchmarks.compare", "--cell", "prior-choice:0",
+               "--tasks", p.task, *protocol_flags(p)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"prior choice failed:\n{proc.stderr[-2000:]}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(proc.stdout.strip().splitlines()[-1])
+    return dict(json.loads(path.read_text()))
+
+
+def pema_cell(
+    p: Protocol, method: Method, seed: int, prior: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Train from the saved memories holding only what a tenant holds (head, adapter, memory),
-    read the peak RSS, then load the model to choose λ on the valid prefix and score test."""
+    read the peak RSS, then load the model to choose λ on the valid prefix and score test.
+    `prior`: the source prior chosen on valid (`ensure_prior_choice`), kept fixed."""
     from transformers import AutoTokenizer
 
     from pema.evaluation import pema_decoder
@@ -348,14 +418,11 @@ def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
 
     r = rows(p)
     fmt = PromptFormat(AutoTokenizer.from_pretrained(_model_dir(p)), TASK_TEMPLATES[p.task])
-    settings: dict[str, Any] = {
-        **{k: BEST[k] for k in ("variant", "rank", "key_norm", "kappa", "alpha", "dropout")
-           if k in BEST},
-        "lambda_max": BEST["lambda_max"],
-        "schedule": BEST["schedule"],
-        **method.adapter,
-    }  # fmt: skip
+    settings = pema_settings(method)
     train = {"lr": BEST["lr"], "batch_size": BEST["batch_size"], **method.train}
+    if prior is not None:
+        settings |= {"source_prior": prior["source_prior"], "lambda_max": prior["lambda_max"]}
+        train["learn_source_prior"] = False
     adapter, cfg, report, rho = train_from_memories(
         p, fmt, settings, train, method.memory_mode, seed
     )
@@ -364,7 +431,7 @@ def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
         x.numel() for x in adapter.parameters() if x.requires_grad and x is not adapter.B_rct
     )
     lm, _ = _frozen(p)
-    mixings = method.mixings or (f"{BEST['schedule']}-{BEST['lambda_max']}",)
+    mixings = method.mixings or (f"{BEST['schedule']}-{adapter.config.lambda_max}",)
     select = {
         m: _generate(pema_decoder(lm, adapter, Mixing.parse(m)), fmt, r.select, rho, p)
         for m in mixings
@@ -386,6 +453,7 @@ def pema_cell(p: Protocol, method: Method, seed: int) -> dict[str, Any]:
         "select": select,
         "chosen": chosen,
         "config": {"adapter": asdict(adapter.config), "train": asdict(cfg)},
+        "source_prior_choice": prior,
         "test": test,
     }
 
@@ -481,12 +549,15 @@ def run_cell(p: Protocol, method_name: str, seed: int) -> dict[str, Any]:
     _setup_torch()
     if method_name.startswith("memory-"):
         return build_memory_cell(p, method_name.removeprefix("memory-"))
+    if method_name == "prior-choice":
+        return prior_choice_cell(p)
     method = METHODS[method_name]
     load = os.getloadavg()[0]
     start = time.perf_counter()
     if method.kind == "pema":
         build = ensure_memory(p, method.memory_mode)
-        out = pema_cell(p, method, seed)
+        prior = ensure_prior_choice(p) if chooses_prior(method) else None
+        out = pema_cell(p, method, seed, prior)
         out["memory_build"] = build
     elif method.kind == "peer":
         out = peer_cell(p, method, seed)

@@ -34,8 +34,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import torch
@@ -63,6 +64,38 @@ from tenant.steps import adapter_config
 DATA = shared_data_dir() / "kjv_web"
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = (("cold", False), ("cached", False), ("worker", True))  # (name, steps in a worker)
+T = TypeVar("T")
+
+
+def with_fresh_tenants(tenants: list[str], prefix: str, measure: Callable[[Path], T]) -> T:
+    """`measure(workdir)` in a temporary folder, with Redis answering and the default model
+    provisioned; the tenants' Redis entries are deleted afterwards, whatever happened."""
+    if not redis_up():
+        print(f"Redis is not answering at {REDIS_URL}", file=sys.stderr)
+        raise SystemExit(2)
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    default_model_dir()
+    client = redis.Redis.from_url(REDIS_URL)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        try:
+            return measure(Path(tmp))
+        finally:
+            for t in tenants:
+                keys = list(client.scan_iter(match=f"pema:{t}:*"))
+                if keys:
+                    client.delete(*keys)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def publish(name: str, doc: dict[str, Any], write_report: Callable[[dict[str, Any]], None]) -> None:
+    """Writes results/<name>.json and (through `write_report`) <name>.md, and prints the latter."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    write_report(doc)
+    print((RESULTS / f"{name}.md").read_text())
 
 
 def node_config(
@@ -268,35 +301,23 @@ def main() -> int:
     args = p.parse_args()
     if args.rounds < 2:
         p.error("--rounds must be at least 2 (later rounds are compared too)")
-    if not redis_up():
-        print(f"Redis is not answering at {REDIS_URL}", file=sys.stderr)
-        return 2
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    default_model_dir()
     tenant = f"bench-rounds-{uuid.uuid4().hex[:8]}"
-    client = redis.Redis.from_url(REDIS_URL)
-    with tempfile.TemporaryDirectory(prefix="pema-rounds-") as tmp:
-        workdir = Path(tmp)
-        try:
-            fed = federated(args, workdir, tenant)
-            print("in-process ...", file=sys.stderr, flush=True)
-            local = in_process(args, workdir, tenant)
-        finally:
-            keys = list(client.scan_iter(match=f"pema:{tenant}:*"))
-            if keys:
-                client.delete(*keys)
+
+    def measure(workdir: Path) -> tuple[dict[str, list[dict]], list[dict[str, float]]]:
+        fed = federated(args, workdir, tenant)
+        print("in-process ...", file=sys.stderr, flush=True)
+        return fed, in_process(args, workdir, tenant)
+
+    fed, local = with_fresh_tenants([tenant], "pema-rounds-", measure)
     doc = {
         "args": vars(args),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine(),
         "train_keys": int(fed["cold"][0]["train-keys"]),
         "federated": fed,
         "in_process": local,
         "summary": summarize(fed, local),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rounds.json").write_text(json.dumps(doc, indent=2) + "\n")
-    write_report(doc)
-    print((RESULTS / "rounds.md").read_text())
+    publish("rounds", doc, write_report)
     return 0
 
 

@@ -16,29 +16,20 @@ benchmarks/results/secagg.md and secagg.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
-import redis
-import torch
-
-from benchmarks.rounds import DATA, RESULTS, node_config
-from pema.models import default_model_dir
+from benchmarks.rounds import DATA, RESULTS, machine, node_config, publish, with_fresh_tenants
 from tenant.demo import (
-    REDIS_URL,
     Federation,
     Processes,
     book_slice,
     read_rows,
-    redis_up,
     start_coordinator,
     write_pairs,
 )
@@ -188,34 +179,20 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--note", default="", help="what else ran on the machine, for the report")
     args = p.parse_args()
-    if not redis_up():
-        print(f"Redis is not answering at {REDIS_URL}", file=sys.stderr)
-        return 2
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    default_model_dir()
     run = uuid.uuid4().hex[:8]
     tenants = [f"bench-secagg-{run}-{i}" for i in range(len(BOOKS))]
-    client = redis.Redis.from_url(REDIS_URL)
     start = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="pema-secagg-") as tmp:
-        try:
-            rows = measure(args, Path(tmp), tenants)
-        finally:
-            for t in tenants:
-                keys = list(client.scan_iter(match=f"pema:{t}:*"))
-                if keys:
-                    client.delete(*keys)
+    rows = with_fresh_tenants(
+        tenants, "pema-secagg-", lambda workdir: measure(args, workdir, tenants)
+    )
     doc = {
         "args": vars(args),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine(),
         "load": load_note(start, os.getloadavg()),
         "rows": rows,
         "summary": summarize(rows),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "secagg.json").write_text(json.dumps(doc, indent=2) + "\n")
-    write_report(doc)
-    print((RESULTS / "secagg.md").read_text())
+    publish("secagg", doc, write_report)
     return 0
 
 

@@ -138,20 +138,17 @@ def load_tenants(path: str) -> dict[str, str]:
     return {t: e.group for t, e in validated(TenantsFile, doc, "tenants file").tenants.items()}
 
 
-class AuditedGrid(Grid):
-    """The grid the strategy talks to: every reply passes the allow-list before the strategy
-    sees it, and (optionally) its shape goes to an audit log."""
+# Flower's grid looks for replies every 3 s, and a round waits on it once per message (SecAgg+:
+# four times); asking the SuperLink more often costs one small RPC a poll.
+REPLY_POLL_SECONDS = 0.2
 
-    def __init__(
-        self, grid: Grid, aggregation: str, audit_log: Path | None, secure: bool = False
-    ) -> None:
+
+class DelegatingGrid(Grid):
+    """A grid that hands every call to the one it wraps, but waits for replies itself, polling
+    every REPLY_POLL_SECONDS; subclasses intercept replies."""
+
+    def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.aggregation = aggregation
-        self.audit_log = audit_log
-        self.secure = secure  # adapters arrive only masked, through SecAgg+
-        # reply message id -> the node the instruction went to: the SuperLink answers for a node
-        # that died with an error reply from itself, and the row must still name the tenant.
-        self.senders: dict[str, int] = {}
 
     def set_run(self, run: Any) -> None:
         self.grid.set_run(run)
@@ -173,13 +170,48 @@ class AuditedGrid(Grid):
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """As Flower's: push, then collect the replies until all are in or `timeout` passes."""
+        waiting = set(self.grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            got = list(self.grid.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if not waiting or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(REPLY_POLL_SECONDS)
+        return replies
+
+
+class AuditedGrid(DelegatingGrid):
+    """The grid the strategy talks to: every reply passes the allow-list before the strategy
+    sees it, and (optionally) its shape goes to an audit log."""
+
+    def __init__(
+        self, grid: Grid, aggregation: str, audit_log: Path | None, secure: bool = False
+    ) -> None:
+        super().__init__(grid)
+        self.aggregation = aggregation
+        self.audit_log = audit_log
+        self.secure = secure  # adapters arrive only masked, through SecAgg+
+        # reply message id -> the node the instruction went to: the SuperLink answers for a node
+        # that died with an error reply from itself, and the row must still name the tenant.
+        self.senders: dict[str, int] = {}
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self.check(m) for m in self.grid.pull_messages(message_ids)]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         sent = list(messages)
-        replies = list(self.grid.send_and_receive(sent, timeout=timeout))
+        replies = list(super().send_and_receive(sent, timeout=timeout))
         # Pushing gave every sent message its id.
         asked = {m.metadata.message_id: m for m in sent}
         out = []

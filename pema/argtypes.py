@@ -38,6 +38,20 @@ non_negative_float: Callable[[str], float] = _number(
 )
 
 
+def auto_or(number: Callable[[str], float]) -> Callable[[str], float | str]:
+    """An argparse type taking the word `auto` or what `number` takes."""
+
+    def parse(text: str) -> float | str:
+        if text == "auto":
+            return text
+        try:
+            return number(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (or the word auto)") from None
+
+    return parse
+
+
 def port(text: str) -> int:
     value = non_negative_int(text)
     if value > 65535:

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import sacrebleu
 
-from pema.adapter import PemaAdapter
+from pema.adapter import AdapterConfig, PemaAdapter
 from pema.backbone import Backbone
+from pema.data import Pair
 from pema.generation import Mixing, expected_length, generate
 from pema.prompts import PromptFormat
+from pema.settings import PriorChoice
 
 # (prompts, source prior ids, expected lengths L, output caps, stop ids) -> generated ids per row
 Decoder = Callable[
@@ -121,6 +123,32 @@ def translate(
     return translate_with(
         pema_decoder(backbone, adapter, mixing), fmt, sources, rho, batch_size, progress, trace
     )
+
+
+def choose_source_prior(
+    choice: PriorChoice,
+    config: AdapterConfig,
+    backbone: Backbone,
+    fmt: PromptFormat,
+    valid: Sequence[Pair],
+    batch_size: int = 16,
+) -> tuple[AdapterConfig, dict[float, float]]:
+    """`config` with the β `choice` picks on the valid pairs (and its λ where a prior is on),
+    and each grid β's chrF. `config.rho` must be the training pairs' ratio."""
+    pairs = valid[: choice.pairs]
+    sources, references = [p.source for p in pairs], [p.target for p in pairs]
+    chrf: dict[float, float] = {}
+    for beta in choice.grid:
+        if beta > 0:
+            prior = PemaAdapter(config.replace(source_prior=beta)).eval()
+            decoder = pema_decoder(backbone, prior, Mixing(1.0, "constant"))
+        else:
+            decoder = pema_decoder(backbone)
+        outputs = translate_with(decoder, fmt, sources, config.rho, batch_size)
+        chrf[beta] = score(outputs, references)["chrf"]
+    beta = max(choice.grid, key=lambda b: (chrf[b], -b))
+    lam = choice.lambda_with_prior if beta > 0 else config.lambda_max
+    return config.replace(source_prior=beta, lambda_max=lam), chrf
 
 
 def paired_bootstrap(

@@ -7,6 +7,7 @@ argument error answer at once, and the model is loaded only once the arguments a
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +21,21 @@ SCHEDULES = ("gu", "constant")
 DTYPE_NAMES = ("auto", "bfloat16", "float32", "float16")
 DEFAULT_TEMPLATE = "Rewrite in modern English:\n{source}"
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # the LoRA paper's choice; configurable everywhere
+
+
+@dataclass(frozen=True)
+class PriorChoice:
+    """Choose the source prior's β per tenant, on its own valid pairs, before training: greedy
+    outputs of the first `pairs` valid pairs with each grid β (β 0: the model's own output; else
+    the untrained adapter with that prior, at λ 1), the best chrF wins (ties: the smaller β).
+    Boosting the source's tokens helps where outputs reuse them (rewriting: kjv_web) and hurts
+    where they do not (translation: web_es). Teacher-forced CE cannot make this choice: on
+    kjv_web it is lowest at β 1, where generation wants 3 to 5 (README). With a prior on, λ
+    becomes `lambda_with_prior`: the prior lives in the adapter's distribution only."""
+
+    grid: tuple[float, ...] = (0.0, 3.0)
+    pairs: int = 32
+    lambda_with_prior: float = 1.0
 
 
 class MemoryMode(StrEnum):

@@ -9,12 +9,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # Only light modules here: arguments are parsed and checked before torch and transformers load
 # (seconds), so --help and every usage error answer at once.
 from pema.argtypes import (
     add_subparsers,
+    auto_or,
     new_parser,
     non_empty_text,
     non_negative_float,
@@ -30,15 +31,17 @@ from pema.settings import (
     SCHEDULES,
     VARIANTS,
     MemoryMode,
+    PriorChoice,
     cache_dir,
 )
 
 if TYPE_CHECKING:
     from tenant.backend import Backend
 
-# The defaults were chosen on valid.tsv across both tasks by earlier sessions' sweeps; the source
-# prior (better on kjv_web valid, benchmarks/results/sweep.md) stays off until web_es is measured.
-BEST = {
+# The defaults were chosen on valid.tsv across both tasks (benchmarks/results/compare.md): the
+# source prior's β is chosen per tenant on its own valid memory (PriorChoice), which turns it on
+# for kjv_web and off for web_es; λ is 0.25 without a prior and 1 with one.
+BEST: dict[str, Any] = {
     "variant": "residual",
     "key_norm": "rms",
     "rank": 64,
@@ -49,7 +52,7 @@ BEST = {
     "lr": 1e-3,
     "batch_size": 256,
     "epochs": 8,
-    "source_prior": 0.0,
+    "source_prior": "auto",
 }
 
 
@@ -175,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--lambda-max",
-        type=float,
-        default=BEST["lambda_max"],
-        help="weight of the adapter's distribution when mixing",
+        type=auto_or(float),
+        default="auto",
+        help="weight of the adapter's distribution when mixing; auto: "
+        f"{BEST['lambda_max']} without a source prior, {PriorChoice.lambda_with_prior} with one",
     )
     t.add_argument(
         "--schedule",
@@ -187,15 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--source-prior",
-        type=float,
+        type=auto_or(non_negative_float),
         default=BEST["source_prior"],
         help="β of the source prior in P_PEMA: boosts the tokens of each row's own source text "
-        "(good for rewriting tasks; 0 turns it off; beyond the paper, see README)",
+        "(good for rewriting tasks; 0 turns it off; beyond the paper, see README); auto: the "
+        f"β of {list(PriorChoice.grid)} whose untrained outputs score best (chrF) on the first "
+        f"{PriorChoice.pairs} valid pairs, before training",
     )
     t.add_argument(
         "--fixed-source-prior",
         action="store_true",
-        help="keep β at --source-prior instead of learning it",
+        help="keep β at --source-prior instead of learning it (a β chosen by auto is kept)",
     )
     t.add_argument("--lr", type=float, default=BEST["lr"], help="learning rate")
     t.add_argument(
@@ -348,13 +354,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         variant=args.variant,
         key_norm=args.key_norm,
         kappa=args.kappa,
-        lambda_max=args.lambda_max,
+        lambda_max=float(BEST["lambda_max"] if args.lambda_max == "auto" else args.lambda_max),
         schedule=args.schedule,
         template=args.template,
         memory_mode=args.memory_mode,
         mixture=args.mixture if args.adapter == "pema-mix" else 1,
-        source_prior=args.source_prior,
+        source_prior=0.0 if args.source_prior == "auto" else args.source_prior,
     )
+    prior_choice = None
+    if args.source_prior == "auto":
+        with_prior = PriorChoice.lambda_with_prior if args.lambda_max == "auto" else args.lambda_max
+        prior_choice = PriorChoice(lambda_with_prior=with_prior)
     if args.dp_epsilon is not None:
         # Opacus replays the adapter per sample, where a fresh dropout mask would be drawn.
         adapter_config = adapter_config.replace(dropout=0.0)
@@ -369,7 +379,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon,
         dp_max_grad_norm=args.dp_max_grad_norm,
         dp_batch_pairs=args.dp_batch_pairs,
-        learn_source_prior=not args.fixed_source_prior,
+        # A β chosen on valid stays as chosen.
+        learn_source_prior=not args.fixed_source_prior and args.source_prior != "auto",
     )
     backend = _backend(args)
     store = None if args.no_cache else DiskMemoryStore(cache_dir() / "memories")
@@ -383,6 +394,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         store,
         args.tenant,
         args.quiet,
+        prior_choice=prior_choice,
     )
     s = outcome.summary
     print(
@@ -390,6 +402,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(model alone {s['valid']['model_top1']:.3f}), train {s['train_seconds']} s, "
         f"memory {s['memory_build_seconds']} s{' (cached)' if s['memory_cache_hit'] else ''}"
     )
+    if prior_choice is not None:
+        cfg = outcome.adapter.config
+        chrf = ", ".join(f"β {b}: {c:.1f}" for b, c in s["source_prior_valid_chrf"].items())
+        print(
+            f"source prior chosen on valid: β {cfg.source_prior:g}, λ {cfg.lambda_max:g} "
+            f"(chrF {chrf})"
+        )
     privacy = outcome.report.privacy
     if privacy is not None:
         print(

@@ -96,6 +96,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         # The SuperLink and SuperNodes start flower-superexec / flwr-clientapp from PATH.
         PATH=f"{BIN}:{env.get('PATH', '')}",
         TOKENIZERS_PARALLELISM="false",
+        # SuperExec looks for a new ClientApp/ServerApp task every second by default; every
+        # message waits on that once.
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
     )
     return env
 

@@ -19,12 +19,19 @@ from pema.adapter import AdapterConfig, PemaAdapter, load_adapter, save_adapter
 from pema.backbone import EncodeItem, MemoryMode
 from pema.data import Pair, pair_origin
 from pema.errors import DataError
-from pema.evaluation import score, translate
+from pema.evaluation import choose_source_prior, score, translate
 from pema.generation import Mixing, token_ratio
 from pema.memory import Memory, MemorySpec, build_memory, memory_spec
 from pema.process import peak_rss_bytes
 from pema.prompts import PromptFormat
-from pema.training import Callback, TrainConfig, TrainEvent, TrainReport, train_adapter
+from pema.settings import PriorChoice
+from pema.training import (
+    Callback,
+    TrainConfig,
+    TrainEvent,
+    TrainReport,
+    train_adapter,
+)
 from tenant.backend import Backend
 from tenant.memory_store import ShardedMemoryStore
 
@@ -192,12 +199,14 @@ def train_job(
     phases: tuple[int, ...] = (1, 2),
     on_event: Callback | None = None,
     kept: MemoryCache | None = None,
+    prior_choice: PriorChoice | None = None,
 ) -> TrainOutcome:
     """Build (or load) both memories, train an adapter, and save it atomically to out_dir.
 
     A federated round passes `start_state` (its last checkpoint or its group's average) and
     `phases=(2,)` to continue training; `on_event` sees every training event (metrics); `kept`
-    holds memories between jobs (the tenant's worker)."""
+    holds memories between jobs (the tenant's worker); `prior_choice` picks the source prior's β
+    on the valid memory before training."""
     fmt = PromptFormat(backend.tokenizer, adapter_config.template)
     mode = MemoryMode(adapter_config.memory_mode)
     train_mem = obtain_memory(
@@ -217,6 +226,16 @@ def train_job(
         rho=rho,
         model_revision=backend.backbone.info.revision,
     )
+    head = backend.backbone.head()
+    sources = (
+        [fmt.prior_ids(p.source) for p in train_pairs],
+        [fmt.prior_ids(p.source) for p in valid_pairs],
+    )
+    prior_chrf: dict[float, float] = {}
+    if prior_choice is not None:
+        config, prior_chrf = choose_source_prior(
+            prior_choice, config, backend.backbone, fmt, valid_pairs
+        )
     # Seeded, so that tenants averaged together start from the same initial adapter.
     torch.manual_seed(train_config.seed)
     adapter = PemaAdapter(config)
@@ -232,16 +251,13 @@ def train_job(
     try:
         report = train_adapter(
             adapter,
-            backend.backbone.head(),
+            head,
             train_mem.memory,
             valid_mem.memory,
             train_config,
             callback,
             phases,
-            sources=(
-                [fmt.prior_ids(p.source) for p in train_pairs],
-                [fmt.prior_ids(p.source) for p in valid_pairs],
-            ),
+            sources=sources,
         )
     finally:
         progress.close()
@@ -257,6 +273,8 @@ def train_job(
         "valid": {k: round(v, 5) for k, v in report.valid.items()},
         "train_config": vars(train_config),
     }
+    if prior_choice is not None:
+        summary["source_prior_valid_chrf"] = {str(b): round(c, 2) for b, c in prior_chrf.items()}
     if out_dir is not None:
         save_adapter(adapter, out_dir, extra={"training": summary})
     return TrainOutcome(adapter, report, train_mem, valid_mem, peak_rss_bytes(), summary)

@@ -230,7 +230,7 @@ def upload_arrays(state: dict[str, torch.Tensor], clipping_range: float) -> list
     average comes back in that order: `received_state`). SecAgg+ clips values to the clipping
     range before quantizing them; an adapter beyond it fails here instead of being averaged
     clipped."""
-    arrays = [t.detach().cpu().numpy() for t in state.values()]
+    arrays = list(_arrays(state).values())
     largest = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
     if largest > clipping_range:
         raise PemaError(
@@ -271,13 +271,17 @@ def _arrays(state: dict[str, torch.Tensor]) -> Arrays:
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
+def _begin(node: NodeConfig, warm: Warm) -> tuple[float, int, Backend]:
+    """A step's start: its clock, the state loads so far (a reply counts its own), the backend."""
+    started, loads = time.perf_counter(), warm.loads
+    torch.set_num_threads(node.threads)
+    return started, loads, warm.backend(node)
+
+
 def train_step(
     node: NodeConfig, run: RunSettings, received: Arrays | None, warm: Warm
 ) -> StepResult:
-    started = time.perf_counter()
-    loads = warm.loads
-    torch.set_num_threads(node.threads)
-    backend = warm.backend(node)
+    started, loads, backend = _begin(node, warm)
     shared = shares_adapter(node, run.config)
     # Start from the group's average when aggregating, else from this tenant's own checkpoint.
     start_state = received_state(received, run.config) if shared else None
@@ -344,10 +348,7 @@ def train_step(
 def evaluate_step(
     node: NodeConfig, run: RunSettings, received: Arrays | None, warm: Warm
 ) -> StepResult:
-    started = time.perf_counter()
-    loads = warm.loads
-    torch.set_num_threads(node.threads)
-    backend = warm.backend(node)
+    started, loads, backend = _begin(node, warm)
     adapter, doc = load_adapter(node.adapter_dir, backend.backbone.info.revision)
     average = received_state(received, run.config) if shares_adapter(node, run.config) else None
     if average is not None:

@@ -28,6 +28,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator import flower_server
+from coordinator.flower_server import DelegatingGrid
 from pema.adapter import WEIGHTS_FILE
 from tenant import flower_client as tenant
 from tenant.federation import CONFIG, SECAGG
@@ -50,12 +51,13 @@ def stage_of(msg: Message) -> str:
     return str(configs.get(Key.STAGE, "")) if configs is not None else ""
 
 
-class RecordingGrid(Grid):
+class RecordingGrid(DelegatingGrid):
     """The grid the ServerApp is given, recording every message through it in both directions."""
 
     def __init__(self, grid: Grid, out: Path) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.out = out
+        self.asked: dict[str, tuple[int, str]] = {}  # message id -> (node, SecAgg+ stage)
 
     def record(self, direction: str, msg: Message, node: int, stage: str) -> None:
         entry = {"dir": direction, "node": node, "type": msg.metadata.message_type, "stage": stage}
@@ -63,44 +65,25 @@ class RecordingGrid(Grid):
         with self.out.open("ab") as f:
             pickle.dump(entry, f)
 
-    def set_run(self, run: Any) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self.grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[Any]:
-        return self.grid.get_nodes()
-
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = list(self.grid.pull_messages(message_ids))
-        for r in replies:
-            self.record("in", r, r.metadata.src_node_id, "")
-        return replies
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
         sent = list(messages)
         # Read before sending: the stage is part of what goes out.
         stages = [stage_of(m) for m in sent]
         for m, stage in zip(sent, stages, strict=True):
             self.record("out", m, m.metadata.dst_node_id, stage)
-        replies = list(self.grid.send_and_receive(sent, timeout=timeout))
-        asked = {m.metadata.message_id: (m, s) for m, s in zip(sent, stages, strict=True)}
+        ids = list(self.grid.push_messages(sent))
+        # Pushing gave every sent message its id.
+        for m, stage in zip(sent, stages, strict=True):
+            self.asked[m.metadata.message_id] = (m.metadata.dst_node_id, stage)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.grid.pull_messages(message_ids))
         for r in replies:
-            m, stage = asked[r.metadata.reply_to_message_id]
-            self.record("in", r, m.metadata.dst_node_id, stage)
+            node, stage = self.asked.get(
+                r.metadata.reply_to_message_id, (r.metadata.src_node_id, "")
+            )
+            self.record("in", r, node, stage)
         return replies
 
 

@@ -471,6 +471,37 @@ def test_cache_list_and_clear(
     assert "no cached memories" in capsys.readouterr().out
 
 
+def _small_train(
+    tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[str], Path]:
+    """`train` arguments on TRAIN_ROWS (its first 3 rows as valid), a cache of its own."""
+    monkeypatch.setenv("PEMA_CACHE_DIR", str(tmp_path / "cache"))
+    train = _write_tsv(tmp_path / "train.tsv", TRAIN_ROWS)
+    valid = _write_tsv(tmp_path / "valid.tsv", TRAIN_ROWS[:3])
+    out = tmp_path / "adapter"
+    return _train_args({"valid": valid}, train, out, model), out
+
+
+def test_train_chooses_the_source_prior_on_valid_by_default(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pema.adapter import load_adapter
+
+    args, out = _small_train(tmp_path, tiny_model_dir, monkeypatch)
+    assert main([*args, "--rank", "4", "--quiet"]) == 0
+    assert "source prior chosen on valid: β" in capsys.readouterr().out
+    adapter, doc = load_adapter(out)
+    chrf = {float(b): c for b, c in doc["training"]["source_prior_valid_chrf"].items()}
+    beta = max(chrf, key=lambda b: (chrf[b], -b))
+    assert set(chrf) == {0.0, 3.0} and adapter.config.source_prior == beta
+    assert adapter.config.lambda_max == (1.0 if beta > 0 else 0.25)
+    if beta > 0:  # chosen, then kept as chosen
+        assert float(adapter.source_beta.detach()) == beta  # type: ignore[union-attr]
+
+
 def test_train_with_a_source_prior_then_generate(
     tmp_path: Path,
     tiny_model_dir: Path,
@@ -479,11 +510,7 @@ def test_train_with_a_source_prior_then_generate(
 ) -> None:
     from pema.adapter import load_adapter
 
-    monkeypatch.setenv("PEMA_CACHE_DIR", str(tmp_path / "cache"))
-    train = _write_tsv(tmp_path / "train.tsv", TRAIN_ROWS)
-    valid = _write_tsv(tmp_path / "valid.tsv", TRAIN_ROWS[:3])
-    out = tmp_path / "adapter"
-    args = _train_args({"valid": valid}, train, out, tiny_model_dir)
+    args, out = _small_train(tmp_path, tiny_model_dir, monkeypatch)
     assert (
         main([*args, "--rank", "4", "--source-prior", "2.5", "--fixed-source-prior", "--quiet"])
         == 0

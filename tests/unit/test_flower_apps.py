@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,13 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.task_identity import TaskIdentity
 
-from coordinator.flower_server import GroupedFedAvg, format_table, load_tenants
+from coordinator.flower_server import (
+    REPLY_POLL_SECONDS,
+    DelegatingGrid,
+    GroupedFedAvg,
+    format_table,
+    load_tenants,
+)
 from pema.adapter import PemaAdapter, save_adapter
 from pema.errors import PemaError
 from pema.prompts import DEFAULT_TEMPLATE
@@ -399,3 +407,48 @@ def test_the_secagg_mod_sends_only_allowed_replies_and_private_errors(run_identi
     assert len(masked.content.array_records["fitres.parameters"]) == 0
     assert collect(padded).error.reason == "secagg-failed:PemaError"
     assert collect(failed).error.reason == "upload-failed:AdapterError"
+
+
+class SlowGrid(DelegatingGrid):
+    """Answers each pushed message on the third pull after it (as a SuperLink whose nodes
+    take a while), counting the pulls."""
+
+    def __init__(self) -> None:
+        self.pulls = 0
+        self.pending: dict[str, Message] = {}
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = f"m{len(self.pending)}"
+            ids.append(m.metadata.message_id)
+            self.pending[m.metadata.message_id] = m
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls += 1
+        if self.pulls < 3:
+            return []
+        return [Message(RecordDict(), reply_to=self.pending[i]) for i in message_ids]
+
+
+def instruction(node: int) -> Message:
+    return Message(RecordDict(), dst_node_id=node, message_type="train", group_id="1")
+
+
+def test_the_grid_collects_every_reply_polling_faster_than_flowers_3_s(
+    monkeypatch: pytest.MonkeyPatch, run_identity: None
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("coordinator.flower_server.time.sleep", slept.append)
+    inner = SlowGrid()
+    replies = list(DelegatingGrid(inner).send_and_receive([instruction(1), instruction(2)]))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
+    assert inner.pulls == 3 and slept == [REPLY_POLL_SECONDS] * 2 and REPLY_POLL_SECONDS < 3
+
+
+def test_the_grid_gives_up_at_the_timeout_with_the_replies_it_has(run_identity: None) -> None:
+    inner = SlowGrid()
+    started = time.monotonic()
+    replies = list(DelegatingGrid(inner).send_and_receive([instruction(1)], timeout=0.05))
+    assert replies == [] and time.monotonic() - started < 1

@@ -112,3 +112,22 @@ def test_a_fixed_prior_stays_put(setup) -> None:
     train_adapter(adapter, lm.head(), memory, memory, cfg, sources=(ids, ids))
     assert float(adapter.source_beta.detach()) == 2.5  # type: ignore[union-attr]
     assert adapter.B_pd.abs().sum() > 0
+
+
+def test_beta_is_chosen_on_valid_on_where_outputs_reuse_the_source_off_where_not(setup) -> None:
+    from pema.data import Pair
+    from pema.evaluation import choose_source_prior
+    from pema.settings import PriorChoice
+
+    lm, fmt, pairs, _ = setup
+    config = AdapterConfig(hidden_size=32, rank=4, variant="residual", lambda_max=0.25)
+    choice = PriorChoice(pairs=6)
+    # Outputs that copy the source: the prior's outputs are made of the source's tokens.
+    copying = [Pair(p.source, p.source) for p in pairs]
+    chosen, chrf = choose_source_prior(choice, config, lm, fmt, copying)
+    assert set(chrf) == set(choice.grid) and chrf[3.0] > chrf[0.0]
+    assert chosen.source_prior == 3.0 and chosen.lambda_max == choice.lambda_with_prior
+    # References with no character of any source: the prior wins nothing and stays off.
+    foreign = [Pair(p.source, "0123 4567 89") for p in pairs]
+    chosen, chrf = choose_source_prior(choice, config, lm, fmt, foreign)
+    assert chrf[3.0] <= chrf[0.0] and chosen.source_prior == 0 and chosen.lambda_max == 0.25
