@@ -362,13 +362,20 @@ def chooses_prior(method: Method) -> bool:
     return "source_prior" not in method.adapter and BEST["source_prior"] == "auto"
 
 
+CE_BETAS = (0.0, 1.0, 2.0, 3.0, 5.0)
+
+
 def prior_choice_cell(p: Protocol) -> dict[str, Any]:
     """With the model: the source prior `pema-tenant train` would choose for these rows (on the
-    valid prefix, from the untrained adapter), and each β's chrF there."""
-    from pema.adapter import AdapterConfig
+    valid prefix, from the untrained adapter), and each β's chrF there; beside it, each of
+    CE_BETAS's teacher-forced CE on the stop rows, the cheaper criterion that was not chosen."""
+    from pema.adapter import AdapterConfig, PemaAdapter
     from pema.evaluation import choose_source_prior
+    from pema.head import LMHead, load_head
+    from pema.memory import Memory
     from pema.prompts import TASK_TEMPLATES, PromptFormat
     from pema.settings import PriorChoice
+    from pema.training import evaluate_memory
 
     r = rows(p)
     lm, tokenizer = _frozen(p)
@@ -380,10 +387,23 @@ def prior_choice_cell(p: Protocol) -> dict[str, Any]:
         **pema_settings(METHODS["pema"]),
     )
     chosen, chrf = choose_source_prior(PriorChoice(), config, lm, fmt, r.select, p.batch_size)
+    head = LMHead(load_head(_memory_path(p, "head", "all")))
+    stop = Memory.load(_memory_path(p, "stop", "teacher-forced"))
+    sources = [fmt.prior_ids(x.source) for x in r.stop]
+    ce = {
+        str(b): round(
+            evaluate_memory(
+                PemaAdapter(config.replace(source_prior=b)), head, stop, sources=sources
+            )["ce"],
+            4,
+        )
+        for b in CE_BETAS
+    }
     return {
         "source_prior": chosen.source_prior,
         "lambda_max": chosen.lambda_max,
         "valid_chrf": {str(b): c for b, c in chrf.items()},
+        "stop_ce": ce,
     }
 
 

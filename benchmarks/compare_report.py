@@ -153,6 +153,24 @@ def write_report(doc: dict[str, Any], folder: Path) -> None:
                 f"| {_interval(r['vs_untuned']) if 'vs_untuned' in r else ''} "
                 f"| {_interval(r['vs_lora']) if 'vs_lora' in r else ''} |"
             )
+        choice = next(
+            (
+                c["source_prior_choice"]
+                for c in entry["cells"].values()
+                if c.get("source_prior_choice")
+            ),
+            None,
+        )
+        if choice:
+            chrf = ", ".join(f"β {b}: {v:.1f}" for b, v in choice["valid_chrf"].items())
+            ce = ", ".join(f"β {b}: {v:.3f}" for b, v in choice.get("stop_ce", {}).items())
+            lines += [
+                "",
+                f"The shipped default's source prior, chosen as `pema-tenant train` chooses it "
+                f"(untrained outputs on the first valid pairs, best chrF): β "
+                f"{choice['source_prior']:g}, λ {choice['lambda_max']:g} (chrF {chrf}). "
+                f"Teacher-forced CE on the stop rows, the criterion not used: {ce}.",
+            ]
         analysed = [
             (k, c)
             for k, c in entry["cells"].items()
