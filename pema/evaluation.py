@@ -134,8 +134,17 @@ def choose_source_prior(
     batch_size: int = 16,
 ) -> tuple[AdapterConfig, dict[float, float]]:
     """`config` with the β `choice` picks on the valid pairs (and its λ where a prior is on),
-    and each grid β's chrF. `config.rho` must be the training pairs' ratio."""
-    pairs = valid[: choice.pairs]
+    and each grid β's chrF (none, and the prior off, when no valid pair leaves room for its
+    output cap within the model's length limit). `config.rho` must be the training pairs'
+    ratio."""
+
+    def fits(p: Pair) -> bool:
+        cap = max_new_tokens(expected_length(len(fmt.text_ids(p.source)), config.rho))
+        return len(fmt.prompt_ids(p.source)) + cap < backbone.info.max_length
+
+    pairs = [p for p in valid if fits(p)][: choice.pairs]
+    if not pairs:
+        return config.replace(source_prior=0.0), {}
     sources, references = [p.source for p in pairs], [p.target for p in pairs]
     chrf: dict[float, float] = {}
     for beta in choice.grid:

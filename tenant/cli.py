@@ -408,6 +408,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(
             f"source prior chosen on valid: β {cfg.source_prior:g}, λ {cfg.lambda_max:g} "
             f"(chrF {chrf})"
+            if chrf
+            else "source prior off: no valid pair leaves room for its output in the model's limit"
         )
     privacy = outcome.report.privacy
     if privacy is not None:

@@ -129,12 +129,19 @@ def worker(lm: FrozenLM) -> Iterator[ModelWorker]:
 
 
 def _decode_loop(
-    worker: ModelWorker, lm: FrozenLM, prompts: Sequence[Sequence[int]], steps: int
+    worker: ModelWorker,
+    lm: FrozenLM,
+    prompts: Sequence[Sequence[int]],
+    steps: int,
+    started: threading.Barrier | None = None,
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """A client of the worker: start a session, then step it greedily, one call at a time."""
+    """A client of the worker: start a session, (wait for the other clients' sessions,) then
+    step it greedily, one call at a time."""
     head = lm.head()
     session = lm.session()
     h = worker.call(lambda: session.start(prompts)).result(timeout=30)
+    if started is not None:
+        started.wait(timeout=30)
     tokens, states = [], [h]
     for _ in range(steps):
         t = head(h).argmax(-1).tolist()
@@ -151,10 +158,14 @@ def test_concurrent_sessions_are_batched_and_get_their_solo_tokens(
     prompts = _prompts(lm.info.vocab_size)
     solo = [_solo(lm, p) for p in prompts]
     results: dict[int, tuple[list[list[int]], list[torch.Tensor]]] = {}
+    # Sessions start at different moments, then step side by side: a step of the tiny model
+    # takes about a millisecond, so clients that merely overlapped by chance could each finish
+    # alone on a slow or busy machine.
+    started = threading.Barrier(len(prompts))
 
     def client(i: int) -> None:
-        time.sleep(0.01 * i)  # they join at different moments
-        results[i] = _decode_loop(worker, lm, prompts[i], STEPS)
+        time.sleep(0.01 * i)
+        results[i] = _decode_loop(worker, lm, prompts[i], STEPS, started)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     for t in threads:

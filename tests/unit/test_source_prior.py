@@ -131,3 +131,7 @@ def test_beta_is_chosen_on_valid_on_where_outputs_reuse_the_source_off_where_not
     foreign = [Pair(p.source, "0123 4567 89") for p in pairs]
     chosen, chrf = choose_source_prior(choice, config, lm, fmt, foreign)
     assert chrf[3.0] <= chrf[0.0] and chosen.source_prior == 0 and chosen.lambda_max == 0.25
+    # No valid pair leaves room for its output within the model's limit: nothing to choose on.
+    too_long = [Pair(p.source * 400, p.source) for p in pairs]
+    chosen, chrf = choose_source_prior(choice, config, lm, fmt, too_long)
+    assert chrf == {} and chosen.source_prior == 0
