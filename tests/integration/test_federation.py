@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -166,6 +167,38 @@ def weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(adapter_dir / WEIGHTS_FILE))
 
 
+def node_config(
+    services: Services,
+    run_dir: Path,
+    tenant: str,
+    train: Path,
+    extra: dict[str, Any] | None = None,
+    redis: bool = True,
+) -> dict[str, Any]:
+    """A tenant's node config in these runs: its token, the coordinator, `train`, the first 8
+    valid pairs, its own adapter folder, the run's memory cache (Redis unless `redis` is off);
+    `extra` adds keys."""
+    return {
+        "tenant-id": tenant,
+        "token": services.tokens[tenant],
+        "coordinator": services.coordinator,
+        "train": train,
+        "valid": KJV / "valid.tsv",
+        "max-valid-pairs": 8,
+        "adapter-dir": run_dir / "adapters" / tenant,
+        **({"redis-url": REDIS_URL} if redis else {}),
+        "cache-dir": run_dir / "cache",
+        **(extra or {}),
+    }
+
+
+def spread_slice(run_dir: Path, i: int) -> Path:
+    """The i-th tenant's 24 training pairs, a thousand pairs apart: different book slices, so
+    that adapters not averaged must end up different."""
+    pairs = read_pairs(KJV / "train.tsv", 1000 * i + 24)[1000 * i :]
+    return write_pairs(run_dir / f"train-{i}.tsv", pairs)
+
+
 def test_two_tenants_two_rounds(services: Services) -> None:
     """A fedavg group of two in the clear. (Private tenants, which no array leaves, are the
     trust and worker tests' tenants below.)"""
@@ -176,24 +209,13 @@ def test_two_tenants_two_rounds(services: Services) -> None:
     try:
         fed = Federation(procs, run_dir)
         for i, tenant in enumerate(tenants):
-            # Different book slices, so that private adapters must end up different.
-            pairs = read_pairs(KJV / "train.tsv", 1000 * i + 24)[1000 * i :]
+            extra = {
+                "test": KJV / "test.tsv",
+                "aggregation-group": "kjv",
+                "metrics-file": services.metrics.files[tenant],
+            }
             fed.add_node(
-                tenant,
-                {
-                    "tenant-id": tenant,
-                    "token": services.tokens[tenant],
-                    "coordinator": services.coordinator,
-                    "train": write_pairs(run_dir / f"train-{i}.tsv", pairs),
-                    "valid": KJV / "valid.tsv",
-                    "test": KJV / "test.tsv",
-                    "max-valid-pairs": 8,
-                    "adapter-dir": run_dir / "adapters" / tenant,
-                    "redis-url": REDIS_URL,
-                    "cache-dir": run_dir / "cache",
-                    "aggregation-group": "kjv",
-                    "metrics-file": services.metrics.files[tenant],
-                },
+                tenant, node_config(services, run_dir, tenant, spread_slice(run_dir, i), extra)
             )
         table = fed.run(
             {
@@ -300,16 +322,13 @@ def test_trust_boundaries_and_a_tenant_killed_mid_round(services: Services) -> N
     fed = Federation(procs, run_dir)
     secret = f"private-{uuid.uuid4().hex[:8]}"
     configs = {
-        t: {
-            "tenant-id": t,
-            "token": services.tokens[t],
-            "coordinator": services.coordinator,
-            "train": write_pairs(run_dir / f"train-{t}.tsv", read_pairs(KJV / "train.tsv", 16)),
-            "valid": KJV / "valid.tsv",
-            "max-valid-pairs": 8,
-            "adapter-dir": run_dir / "adapters" / t,
-            "cache-dir": run_dir / "cache",
-        }
+        t: node_config(
+            services,
+            run_dir,
+            t,
+            write_pairs(run_dir / f"train-{t}.tsv", read_pairs(KJV / "train.tsv", 16)),
+            redis=False,
+        )
         for t in (a, b, c)
     }
     configs[a]["aggregation-group"] = "kjv"
@@ -402,21 +421,8 @@ def test_rounds_through_a_worker_keep_the_head_and_memories_warm(services: Servi
             (w, {"worker-socket": sock}),
             (d, {"worker-socket": run_dir / "workers" / "down.sock", "worker-connect-seconds": 1}),
         ):
-            fed.add_node(
-                tenant,
-                {
-                    "tenant-id": tenant,
-                    "token": services.tokens[tenant],
-                    "coordinator": services.coordinator,
-                    "train": write_pairs(run_dir / "train.tsv", read_pairs(KJV / "train.tsv", 16)),
-                    "valid": KJV / "valid.tsv",
-                    "max-valid-pairs": 8,
-                    "adapter-dir": run_dir / "adapters" / tenant,
-                    "redis-url": REDIS_URL,
-                    "cache-dir": run_dir / "cache",
-                    **link,
-                },
-            )
+            train = write_pairs(run_dir / "train.tsv", read_pairs(KJV / "train.tsv", 16))
+            fed.add_node(tenant, node_config(services, run_dir, tenant, train, link))
         started = time.monotonic()
         table = fed.run(
             {
@@ -467,22 +473,9 @@ def test_secure_aggregation_sums_a_group_without_showing_a_member(services: Serv
     try:
         fed = Federation(procs, run_dir)
         for i, tenant in enumerate(groups):
-            pairs = read_pairs(KJV / "train.tsv", 1000 * i + 24)[1000 * i :]
-            fed.add_node(
-                tenant,
-                {
-                    "tenant-id": tenant,
-                    "token": services.tokens[tenant],
-                    "coordinator": services.coordinator,
-                    "train": write_pairs(run_dir / f"train-{i}.tsv", pairs),
-                    "valid": KJV / "valid.tsv",
-                    "max-valid-pairs": 8,
-                    "adapter-dir": run_dir / "adapters" / tenant,
-                    "redis-url": REDIS_URL,
-                    "cache-dir": run_dir / "cache",
-                    "aggregation-group": groups[tenant],
-                },
-            )
+            group = {"aggregation-group": groups[tenant]}
+            train = spread_slice(run_dir, i)
+            fed.add_node(tenant, node_config(services, run_dir, tenant, train, group))
         (run_dir / "adapters").mkdir(parents=True, exist_ok=True)
         (run_dir / "adapters" / f"{c}.tamper").touch()
 
