@@ -19,6 +19,7 @@ are rendered from whatever is there, naming the cells still missing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -56,7 +57,9 @@ METHODS: dict[str, Method] = {
     "copy": Method("copy the source", "copy", seeded=False),
     "untuned": Method("untuned model", "untuned", seeded=False),
     "pema": Method(
-        "PEMA, shipped default (pema-tenant train: source prior β chosen on valid, fixed)", "pema"
+        "PEMA, shipped default (pema-tenant train: priors β, γ chosen on valid and fixed; the "
+        "trained adapter kept only where it beats its start on valid)",
+        "pema",
     ),
     "pema-noprior": Method(
         "PEMA without source prior (the previous default: residual r 64, λ 0.25)",
@@ -75,6 +78,21 @@ METHODS: dict[str, Method] = {
         "PEMA + source prior β 3 fixed (residual r 64, λ 1; beyond the paper)",
         "pema",
         {"source_prior": 3.0},
+        {"learn_source_prior": False},
+        ("constant-1.0",),
+    ),
+    "copy-prior-only": Method(
+        "untuned model + copy prior γ 4 (no training)",
+        "pema",
+        {"source_prior": 0.0, "copy_prior": 4.0},
+        {"epochs": 0},
+        ("constant-1.0",),
+        seeded=False,
+    ),
+    "pema-copy": Method(
+        "PEMA + copy prior γ 4 fixed, trained adapter always kept (residual r 64, λ 1)",
+        "pema",
+        {"source_prior": 0.0, "copy_prior": 4.0},
         {"learn_source_prior": False},
         ("constant-1.0",),
     ),
@@ -139,7 +157,17 @@ METHODS: dict[str, Method] = {
     ),
 }
 # The order cells run in: the core comparison first, so a cut-short run still has it.
-CORE = ["copy", "untuned", "pema", "lora", "pema-noprior", "prior-only", "pema-prior"]
+CORE = [
+    "copy",
+    "untuned",
+    "pema",
+    "lora",
+    "pema-noprior",
+    "prior-only",
+    "pema-prior",
+    "copy-prior-only",
+    "pema-copy",
+]
 
 
 @dataclass(frozen=True)
@@ -362,19 +390,20 @@ def chooses_prior(method: Method) -> bool:
     return "source_prior" not in method.adapter and BEST["source_prior"] == "auto"
 
 
-CE_BETAS = (0.0, 1.0, 2.0, 3.0, 5.0)
+# (β, γ) of the source priors whose teacher-forced CE the prior-choice cell also records.
+CE_PRIORS = ((0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (3.0, 0.0), (5.0, 0.0), (0.0, 2.0), (0.0, 4.0))
 
 
 def prior_choice_cell(p: Protocol) -> dict[str, Any]:
-    """With the model: the source prior `pema-tenant train` would choose for these rows (on the
-    valid prefix, from the untrained adapter), and each β's chrF there; beside it, each of
-    CE_BETAS's teacher-forced CE on the stop rows, the cheaper criterion that was not chosen."""
+    """With the model: the source priors `pema-tenant train` would choose for these rows (on the
+    valid prefix, from the untrained adapter), and each (β, γ)'s chrF there; beside it, each of
+    CE_PRIORS's teacher-forced CE on the stop rows, the cheaper criterion that was not chosen."""
     from pema.adapter import AdapterConfig, PemaAdapter
     from pema.evaluation import choose_source_prior
     from pema.head import LMHead, load_head
     from pema.memory import Memory
     from pema.prompts import TASK_TEMPLATES, PromptFormat
-    from pema.settings import PriorChoice
+    from pema.settings import PriorChoice, prior_label
     from pema.training import evaluate_memory
 
     r = rows(p)
@@ -391,26 +420,33 @@ def prior_choice_cell(p: Protocol) -> dict[str, Any]:
     stop = Memory.load(_memory_path(p, "stop", "teacher-forced"))
     sources = [fmt.prior_ids(x.source) for x in r.stop]
     ce = {
-        str(b): round(
+        prior_label(b, g): round(
             evaluate_memory(
-                PemaAdapter(config.replace(source_prior=b)), head, stop, sources=sources
+                PemaAdapter(config.replace(source_prior=b, copy_prior=g)),
+                head,
+                stop,
+                sources=sources,
             )["ce"],
             4,
         )
-        for b in CE_BETAS
+        for b, g in CE_PRIORS
     }
     return {
         "source_prior": chosen.source_prior,
+        "copy_prior": chosen.copy_prior,
         "lambda_max": chosen.lambda_max,
-        "valid_chrf": {str(b): c for b, c in chrf.items()},
+        "valid_chrf": {prior_label(*g): c for g, c in chrf.items()},
         "stop_ce": ce,
     }
 
 
 def ensure_prior_choice(p: Protocol) -> dict[str, Any]:
     """`prior_choice_cell` in a process of its own (the model must not count in the training
-    cell's peak RSS), once per protocol: its result is kept beside the memories."""
-    path = _memory_path(p, "prior-choice", "json")
+    cell's peak RSS), once per protocol and choice grid: its result is kept beside the memories."""
+    from pema.settings import PriorChoice
+
+    grid = hashlib.sha256(repr(PriorChoice()).encode()).hexdigest()[:8]
+    path = _memory_path(p, f"prior-choice-{grid}", "json")
     if not path.is_file():
         cmd = [sys.executable, "-m", "benchmarks.compare", "--cell", "prior-choice:0",
                "--tasks", p.task, *protocol_flags(p)]  # fmt: skip
@@ -427,13 +463,16 @@ def pema_cell(
 ) -> dict[str, Any]:
     """Train from the saved memories holding only what a tenant holds (head, adapter, memory),
     read the peak RSS, then load the model to choose λ on the valid prefix and score test.
-    `prior`: the source prior chosen on valid (`ensure_prior_choice`), kept fixed."""
+    `prior`: the source priors chosen on valid (`ensure_prior_choice`), kept fixed."""
+    import torch
     from transformers import AutoTokenizer
 
-    from pema.evaluation import pema_decoder
+    from pema.adapter import PemaAdapter
+    from pema.evaluation import pema_decoder, trained_beats_start
     from pema.generation import Mixing
     from pema.process import peak_rss_bytes
     from pema.prompts import TASK_TEMPLATES, PromptFormat
+    from pema.settings import PriorChoice, prior_label
     from tenant.cli import BEST
 
     r = rows(p)
@@ -441,7 +480,7 @@ def pema_cell(
     settings = pema_settings(method)
     train = {"lr": BEST["lr"], "batch_size": BEST["batch_size"], **method.train}
     if prior is not None:
-        settings |= {"source_prior": prior["source_prior"], "lambda_max": prior["lambda_max"]}
+        settings |= {k: prior[k] for k in ("source_prior", "copy_prior", "lambda_max")}
         train["learn_source_prior"] = False
     adapter, cfg, report, rho = train_from_memories(
         p, fmt, settings, train, method.memory_mode, seed
@@ -451,6 +490,17 @@ def pema_cell(
         x.numel() for x in adapter.parameters() if x.requires_grad and x is not adapter.B_rct
     )
     lm, _ = _frozen(p)
+    gate = None
+    if prior is not None and prior["valid_chrf"]:
+        # As `pema-tenant train` does: the trained adapter only if it beats its start on valid.
+        start = prior["valid_chrf"][prior_label(prior["source_prior"], prior["copy_prior"])]
+        better, trained = trained_beats_start(
+            PriorChoice(), adapter, start, lm, fmt, r.select, p.batch_size
+        )
+        gate = {"start": start, "trained": trained, "kept": "trained" if better else "start"}
+        if not better:
+            torch.manual_seed(seed)
+            adapter = PemaAdapter(adapter.config).eval()
     mixings = method.mixings or (f"{BEST['schedule']}-{adapter.config.lambda_max}",)
     select = {
         m: _generate(pema_decoder(lm, adapter, Mixing.parse(m)), fmt, r.select, rho, p)
@@ -474,6 +524,7 @@ def pema_cell(
         "chosen": chosen,
         "config": {"adapter": asdict(adapter.config), "train": asdict(cfg)},
         "source_prior_choice": prior,
+        "valid_gate": gate,
         "test": test,
     }
 

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import sacrebleu
 
 from pema.evaluation import paired_bootstrap
+from pema.settings import prior_label
 
 
 def _interval(d: dict[str, Any]) -> str:
@@ -162,13 +163,14 @@ def write_report(doc: dict[str, Any], folder: Path) -> None:
             None,
         )
         if choice:
-            chrf = ", ".join(f"β {b}: {v:.1f}" for b, v in choice["valid_chrf"].items())
-            ce = ", ".join(f"β {b}: {v:.3f}" for b, v in choice.get("stop_ce", {}).items())
+            chrf = ", ".join(f"{g}: {v:.1f}" for g, v in choice["valid_chrf"].items())
+            ce = ", ".join(f"{g}: {v:.3f}" for g, v in choice.get("stop_ce", {}).items())
             lines += [
                 "",
-                f"The shipped default's source prior, chosen as `pema-tenant train` chooses it "
-                f"(untrained outputs on the first valid pairs, best chrF): β "
-                f"{choice['source_prior']:g}, λ {choice['lambda_max']:g} (chrF {chrf}). "
+                "The shipped default's source priors (β: bag of source tokens, γ: copy pointer), "
+                "chosen as `pema-tenant train` chooses them (untrained outputs on the first valid "
+                f"pairs, best chrF): {prior_label(choice['source_prior'], choice['copy_prior'])}, "
+                f"λ {choice['lambda_max']:g} (chrF {chrf}). "
                 f"Teacher-forced CE on the stop rows, the criterion not used: {ce}.",
             ]
         analysed = [

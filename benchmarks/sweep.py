@@ -39,6 +39,39 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
     "prior3-untrained": ({**RESIDUAL, "source_prior": 3.0}, {"epochs": 0}, ["constant-1.0"]),
     "prior2-untrained": ({**RESIDUAL, "source_prior": 2.0}, {"epochs": 0}, ["constant-1.0"]),
     "prior5-untrained": ({**RESIDUAL, "source_prior": 5.0}, {"epochs": 0}, ["constant-1.0"]),
+    # The copy prior (pema.source_prior), alone and beside the bag prior.
+    **{
+        f"copy{g:g}-untrained": ({**RESIDUAL, "copy_prior": g}, {"epochs": 0}, ["constant-1.0"])
+        for g in (2.0, 4.0, 6.0, 9.0)
+    },
+    **{
+        f"prior{b:g}-copy{g:g}-untrained": (
+            {**RESIDUAL, "source_prior": b, "copy_prior": g},
+            {"epochs": 0},
+            ["constant-1.0"],
+        )
+        for b, g in ((3.0, 3.0), (2.0, 4.0), (3.0, 6.0))
+    },
+    **{
+        f"copy{g:g}fixed-r64{tag}": (
+            {**RESIDUAL, "copy_prior": g},
+            {"learn_source_prior": False, **train},
+            ["constant-1.0", "constant-0.75"],
+        )
+        for g in (3.0, 4.0, 6.0, 8.0)
+        for tag, train in (("", {}), ("-lr3e-3", {"lr": 3e-3}))
+    },
+    "copy6fixed-r16": (
+        {**RESIDUAL, "copy_prior": 6.0, "rank": 16},
+        {"learn_source_prior": False},
+        ["constant-1.0"],
+    ),
+    "copy4-r64": ({**RESIDUAL, "copy_prior": 4.0}, {}, ["constant-1.0"]),
+    "prior2-copy4fixed-r64": (
+        {**RESIDUAL, "source_prior": 2.0, "copy_prior": 4.0},
+        {"learn_source_prior": False},
+        ["constant-1.0"],
+    ),
     "prior3-r64": (
         {**RESIDUAL, "source_prior": 3.0},
         {},

@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from pema.settings import (
     VARIANTS,
 )
 from pema.settings import ADAPTER_WEIGHTS as WEIGHTS_FILE
+from pema.source_prior import SourcePrior
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class AdapterConfig:
     # the tokens of this row's own source text and end of turn. β starts here and is learned;
     # 0 turns it off. The tenant holds the source, so nothing more is sent to the owner.
     source_prior: float = 0.0
+    # The copy prior (pema.source_prior): + γ on the source token that continues copying from
+    # where the output stands in its source; γ starts here, 0 turns it off.
+    copy_prior: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -80,6 +83,7 @@ class AdapterConfig:
             (self.rho > 0, f"rho must be positive, got {self.rho}"),
             (self.mixture >= 1, f"mixture must be at least 1, got {self.mixture}"),
             (self.source_prior >= 0, f"source_prior must not be negative, got {self.source_prior}"),
+            (self.copy_prior >= 0, f"copy_prior must not be negative, got {self.copy_prior}"),
             (
                 self.mixture_consistency >= 0,
                 f"mixture_consistency must not be negative, got {self.mixture_consistency}",
@@ -95,15 +99,6 @@ class AdapterConfig:
 
     def replace(self, **changes: Any) -> AdapterConfig:
         return AdapterConfig(**{**asdict(self), **changes})
-
-
-def source_mask(rows: Sequence[Sequence[int]], vocab_size: int) -> Tensor:
-    """B x V: 1 at each token id of that row's source prior ids, 0 elsewhere."""
-    mask = torch.zeros(len(rows), vocab_size)
-    lengths = torch.tensor([len(r) for r in rows])
-    index = torch.repeat_interleave(torch.arange(len(rows)), lengths)
-    mask[index, torch.tensor([t for r in rows for t in r], dtype=torch.long)] = 1.0
-    return mask
 
 
 def rms_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -126,6 +121,9 @@ class PemaAdapter(nn.Module):
             nn.Parameter(torch.tensor(float(config.source_prior)))
             if config.source_prior > 0
             else None
+        )
+        self.copy_beta = (
+            nn.Parameter(torch.tensor(float(config.copy_prior))) if config.copy_prior > 0 else None
         )
         self.reset_A()
 
@@ -180,21 +178,36 @@ class PemaAdapter(nn.Module):
     def forward(self, keys: Tensor) -> Tensor:
         return self.predict_hidden(self.prepare(keys))
 
-    def logits(self, head: nn.Module, h_pd: Tensor, prior: Tensor | None) -> Tensor:
-        """P_PEMA's logits from h_pd; `prior` (B x V source mask) is needed with the prior on."""
-        out: Tensor = head(h_pd)
-        if self.source_beta is None:
-            return out
+    @property
+    def has_prior(self) -> bool:
+        return self.source_beta is not None or self.copy_beta is not None
+
+    def prior_logits(self, prior: SourcePrior | None) -> Tensor | float:
+        """What the source priors add to P_PEMA's logits (B x V; 0 with no prior on)."""
+        if not self.has_prior:
+            return 0.0
         if prior is None:
             raise AdapterError("this adapter has a source prior: each row's source is needed")
-        return out + self.source_beta * prior
+        out: Tensor | float = 0.0
+        if self.source_beta is not None:
+            out = self.source_beta * prior.mask
+        if self.copy_beta is not None:
+            out = out + self.copy_beta * prior.copy_mask()
+        return out
+
+    def logits(self, head: nn.Module, h_pd: Tensor, prior: SourcePrior | None) -> Tensor:
+        """P_PEMA's logits from h_pd; `prior` is needed with a source prior on."""
+        out: Tensor = head(h_pd)
+        return out + self.prior_logits(prior)
 
     def inference_state(self) -> dict[str, Tensor]:
         """The weights needed to generate (B_rct only serves training)."""
         A = self.A if self.A_mix is None else self.A_mix.mean(0)
         state = {"A": A.detach(), "B_pd": self.B_pd.detach()}
-        if self.source_beta is not None:
-            state["source_beta"] = self.source_beta.detach()
+        for name in ("source_beta", "copy_beta"):
+            beta = getattr(self, name)
+            if beta is not None:
+                state[name] = beta.detach()
         return state
 
 

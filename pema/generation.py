@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pema.adapter import PemaAdapter, source_mask
+from pema.adapter import PemaAdapter
 from pema.backbone import DecodeSession
 from pema.errors import PemaError
 from pema.head import LMHead
+from pema.source_prior import CopyTracker
 
 
 def gu_lambda(t: int, lambda_max: float, length: int) -> float:
@@ -120,30 +121,36 @@ def generate(
 ) -> list[list[int]]:
     """Greedy decoding of a batch through a DecodeSession, mixing P_PEMA in when an adapter is
     given. Without an adapter (or with λ = 0) this is the frozen model's own greedy output.
-    `sources` (each row's PromptFormat.prior_ids) feed an adapter's source prior."""
+    `sources` (each row's PromptFormat.prior_ids) feed an adapter's source priors."""
     if len(prompts) != len(max_new_tokens):
         raise PemaError("one max_new_tokens per prompt is required")
     if adapter is not None and (mixing is None or lengths is None):
         raise PemaError("mixing an adapter needs a schedule and an expected length per row")
-    prior = None
-    if adapter is not None and adapter.source_beta is not None:
+    tracker = None
+    if adapter is not None and adapter.has_prior:
         if sources is None or len(sources) != len(prompts):
             raise PemaError("this adapter has a source prior: one source per prompt is needed")
-        prior = source_mask(sources, head.vocab_size)
+        tracker = CopyTracker(sources, head.vocab_size)
 
     def scores(h: Tensor, t: int) -> Tensor:
         logp = head.log_probs(h)
         if adapter is not None and mixing is not None and lengths is not None:
             lam = torch.tensor([[mixing.lam(t, n)] for n in lengths])
             if bool((lam > 0).any()):
+                prior = None if tracker is None else tracker.prior()
                 pema = torch.log_softmax(adapter.logits(head, adapter(h), prior), dim=-1)
                 logp = mix_log_probs(logp, pema, lam)
         return logp
 
+    def step(ids: list[int], t: int) -> Tensor:
+        if tracker is not None:
+            tracker.step(ids)
+        return scores(session.step(ids), t)
+
     try:
         return greedy_decode(
             scores(session.start(prompts), 1),
-            lambda ids, t: scores(session.step(ids), t),
+            step,
             stop_ids,
             max_new_tokens,
         )

@@ -25,17 +25,23 @@ DEFAULT_TARGETS = ("q_proj", "v_proj")  # the LoRA paper's choice; configurable 
 
 @dataclass(frozen=True)
 class PriorChoice:
-    """Choose the source prior's β per tenant, on its own valid pairs, before training: greedy
-    outputs of the first `pairs` valid pairs with each grid β (β 0: the model's own output; else
-    the untrained adapter with that prior, at λ 1), the best chrF wins (ties: the smaller β).
-    Boosting the source's tokens helps where outputs reuse them (rewriting: kjv_web) and hurts
-    where they do not (translation: web_es). Teacher-forced CE cannot make this choice: on
-    kjv_web it is lowest at β 1, where generation wants 3 to 5 (README). With a prior on, λ
-    becomes `lambda_with_prior`: the prior lives in the adapter's distribution only."""
+    """Choose the source priors (β: the bag of source tokens, γ: the copy pointer) per tenant, on
+    its own valid pairs, before training: greedy outputs of the first `pairs` valid pairs with
+    each grid (β, γ) ((0, 0): the model's own output; else the untrained adapter with those
+    priors, at λ 1), the best chrF wins (ties: the smaller β + γ). The priors help where outputs
+    reuse the source (rewriting: kjv_web) and hurt where they do not (translation: web_es).
+    Teacher-forced CE cannot make this choice: on kjv_web it is lowest at β 1, where generation
+    wants 3 to 5 (README). With a prior on, λ becomes `lambda_with_prior`: the priors live in
+    the adapter's distribution only."""
 
-    grid: tuple[float, ...] = (0.0, 3.0)
+    grid: tuple[tuple[float, float], ...] = ((0.0, 0.0), (3.0, 0.0), (0.0, 4.0))
     pairs: int = 32
     lambda_with_prior: float = 1.0
+
+
+def prior_label(beta: float, gamma: float) -> str:
+    """How reports and summaries name a (β, γ) of the source priors."""
+    return f"β {beta:g} γ {gamma:g}"
 
 
 class MemoryMode(StrEnum):

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pema.adapter import PemaAdapter, source_mask
+from pema.adapter import PemaAdapter
 from pema.dtypes import resolve_dtype
 from pema.errors import PemaError
 from pema.head import LMHead
 from pema.memory import Memory
+from pema.source_prior import NO_COPY, SourcePrior, copy_ids, end_tokens, source_mask
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class TrainConfig:
     dp_epsilon: float | None = None
     dp_max_grad_norm: float = 1.0
     dp_batch_pairs: int = 32  # expected pairs per Poisson-sampled batch
-    # Learn the source prior's β (else it stays at AdapterConfig.source_prior, a setting).
+    # Learn the source priors' β and γ (else they stay at their AdapterConfig starts, settings).
     learn_source_prior: bool = True
 
     def __post_init__(self) -> None:
@@ -119,7 +120,8 @@ class EarlyStop:
 
 
 class PriorMasks:
-    """The source-prior mask of any memory rows (None when the adapter has no prior)."""
+    """The source priors of any memory rows (None when the adapter has none): each key's pair's
+    source mask, and the copy token its gold prefix leads to."""
 
     def __init__(
         self,
@@ -130,17 +132,30 @@ class PriorMasks:
     ) -> None:
         self.sources, self.vocab_size = sources, head.vocab_size
         self.pairs: Tensor | None = None
-        if adapter.source_beta is not None:
+        self.copy = torch.zeros(0, dtype=torch.long)
+        if adapter.has_prior:
             if sources is None or len(sources) != memory.n_pairs:
                 raise PemaError(
                     "an adapter with a source prior trains with each memory pair's source tokens"
                 )
             self.pairs = memory.pair_index()
+            if adapter.copy_beta is not None:
+                bounds = memory.offsets.tolist()
+                self.copy = torch.tensor(
+                    [
+                        c
+                        for p, src in enumerate(sources)
+                        for c in copy_ids(src, memory.targets[bounds[p] : bounds[p + 1]].tolist())
+                    ],
+                    dtype=torch.long,
+                )
 
-    def __call__(self, rows: Tensor) -> Tensor | None:
+    def __call__(self, rows: Tensor) -> SourcePrior | None:
         if self.pairs is None or self.sources is None:
             return None
-        return source_mask([self.sources[p] for p in self.pairs[rows].tolist()], self.vocab_size)
+        sources = [self.sources[p] for p in self.pairs[rows].tolist()]
+        tokens = self.copy[rows] if len(self.copy) else torch.full((len(rows),), NO_COPY)
+        return SourcePrior(source_mask(sources, self.vocab_size), tokens, end_tokens(sources))
 
 
 @torch.no_grad()
@@ -296,7 +311,7 @@ def train_adapter(
         m = valid()
         return {**m, "loss": m["mse"]}
 
-    def mixture_loss(x: Tensor, targets: Tensor, prior: Tensor | None) -> Tensor:
+    def mixture_loss(x: Tensor, targets: Tensor, prior: SourcePrior | None) -> Tensor:
         # Full logits (not the chunked CE) because the KL term needs both distributions.
         zs = [adapter.bottleneck(x) for _ in range(2)]
         logits = [adapter.logits(head, adapter.predict_hidden(x, z), prior) for z in zs]
@@ -334,10 +349,11 @@ def train_adapter(
             adapter.reset_A()
         adapter.B_rct.requires_grad_(False)
         params = [adapter.trainable_A(), adapter.B_pd]
-        if adapter.source_beta is not None:
-            adapter.source_beta.requires_grad_(cfg.learn_source_prior)
-            if cfg.learn_source_prior:
-                params.append(adapter.source_beta)
+        for beta in (adapter.source_beta, adapter.copy_beta):
+            if beta is not None:
+                beta.requires_grad_(cfg.learn_source_prior)
+                if cfg.learn_source_prior:
+                    params.append(beta)
         reports[2] = _run_phase(
             2, adapter, params, joint_loss, valid,
             train_memory, cfg.batch_size, cfg.epochs, cfg, callback,

@@ -33,6 +33,7 @@ from pema.settings import (
     MemoryMode,
     PriorChoice,
     cache_dir,
+    prior_label,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ BEST: dict[str, Any] = {
     "batch_size": 256,
     "epochs": 8,
     "source_prior": "auto",
+    "copy_prior": "auto",
 }
 
 
@@ -193,15 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--source-prior",
         type=auto_or(non_negative_float),
         default=BEST["source_prior"],
-        help="β of the source prior in P_PEMA: boosts the tokens of each row's own source text "
-        "(good for rewriting tasks; 0 turns it off; beyond the paper, see README); auto: the "
-        f"β of {list(PriorChoice.grid)} whose untrained outputs score best (chrF) on the first "
-        f"{PriorChoice.pairs} valid pairs, before training",
+        help="β of the bag prior in P_PEMA: boosts the tokens of each row's own source text "
+        "(good for rewriting tasks; 0 turns it off; beyond the paper, see README); auto: "
+        "chosen with --copy-prior's γ, the (β, γ) of "
+        f"{[tuple(g) for g in PriorChoice.grid]} whose untrained outputs score best (chrF) on "
+        f"the first {PriorChoice.pairs} valid pairs, before training",
+    )
+    t.add_argument(
+        "--copy-prior",
+        type=auto_or(non_negative_float),
+        default=BEST["copy_prior"],
+        help="γ of the copy prior in P_PEMA: boosts the source token that continues copying "
+        "from where the output stands in its source (0 turns it off; beyond the paper); auto: "
+        "chosen with --source-prior (both auto or neither)",
     )
     t.add_argument(
         "--fixed-source-prior",
         action="store_true",
-        help="keep β at --source-prior instead of learning it (a β chosen by auto is kept)",
+        help="keep β and γ at their starts instead of learning them (priors chosen by auto are "
+        "kept)",
     )
     t.add_argument("--lr", type=float, default=BEST["lr"], help="learning rate")
     t.add_argument(
@@ -338,6 +350,10 @@ def _check_out(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if (args.source_prior == "auto") != (args.copy_prior == "auto"):
+        raise PemaError(
+            "--source-prior and --copy-prior are chosen together: auto for both, or a value for each"
+        )
     _check_out(args)
     train_pairs = read_pairs(args.train, args.max_pairs)
     valid_pairs = read_pairs(args.valid, args.max_valid_pairs)
@@ -360,6 +376,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         memory_mode=args.memory_mode,
         mixture=args.mixture if args.adapter == "pema-mix" else 1,
         source_prior=0.0 if args.source_prior == "auto" else args.source_prior,
+        copy_prior=0.0 if args.copy_prior == "auto" else args.copy_prior,
     )
     prior_choice = None
     if args.source_prior == "auto":
@@ -404,13 +421,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if prior_choice is not None:
         cfg = outcome.adapter.config
-        chrf = ", ".join(f"β {b}: {c:.1f}" for b, c in s["source_prior_valid_chrf"].items())
+        chrf = ", ".join(f"{g}: {c:.1f}" for g, c in s["source_prior_valid_chrf"].items())
         print(
-            f"source prior chosen on valid: β {cfg.source_prior:g}, λ {cfg.lambda_max:g} "
+            f"source priors chosen on valid: {prior_label(cfg.source_prior, cfg.copy_prior)}, "
+            f"λ {cfg.lambda_max:g} "
             f"(chrF {chrf})"
             if chrf
-            else "source prior off: no valid pair leaves room for its output in the model's limit"
+            else "source priors off: no valid pair leaves room for its output in the model's limit"
         )
+        if "kept" in s:
+            chrf = s["valid_chrf"]
+            print(
+                f"valid chrF: trained {chrf['trained']:.1f}, start {chrf['start']:.1f}: "
+                + (
+                    "the trained adapter is kept"
+                    if s["kept"] == "trained"
+                    else "training did not pay on valid, the start (priors, no training) is kept"
+                )
+            )
     privacy = outcome.report.privacy
     if privacy is not None:
         print(

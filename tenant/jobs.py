@@ -3,6 +3,7 @@ and the benchmarks. Progress goes to tqdm bars on stderr."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import OrderedDict
@@ -19,12 +20,12 @@ from pema.adapter import AdapterConfig, PemaAdapter, load_adapter, save_adapter
 from pema.backbone import EncodeItem, MemoryMode
 from pema.data import Pair, pair_origin
 from pema.errors import DataError
-from pema.evaluation import choose_source_prior, score, translate
+from pema.evaluation import choose_source_prior, score, trained_beats_start, translate
 from pema.generation import Mixing, token_ratio
 from pema.memory import Memory, MemorySpec, build_memory, memory_spec
 from pema.process import peak_rss_bytes
 from pema.prompts import PromptFormat
-from pema.settings import PriorChoice
+from pema.settings import PriorChoice, prior_label
 from pema.training import (
     Callback,
     TrainConfig,
@@ -205,8 +206,9 @@ def train_job(
 
     A federated round passes `start_state` (its last checkpoint or its group's average) and
     `phases=(2,)` to continue training; `on_event` sees every training event (metrics); `kept`
-    holds memories between jobs (the tenant's worker); `prior_choice` picks the source prior's β
-    on the valid memory before training."""
+    holds memories between jobs (the tenant's worker); `prior_choice` picks the source priors on
+    the valid pairs before training, and after it keeps the trained adapter only if it generates
+    better there than its start (else the start is saved: the summary's "kept" says which)."""
     fmt = PromptFormat(backend.tokenizer, adapter_config.template)
     mode = MemoryMode(adapter_config.memory_mode)
     train_mem = obtain_memory(
@@ -231,7 +233,7 @@ def train_job(
         [fmt.prior_ids(p.source) for p in train_pairs],
         [fmt.prior_ids(p.source) for p in valid_pairs],
     )
-    prior_chrf: dict[float, float] = {}
+    prior_chrf: dict[tuple[float, float], float] = {}
     if prior_choice is not None:
         config, prior_chrf = choose_source_prior(
             prior_choice, config, backend.backbone, fmt, valid_pairs
@@ -241,6 +243,7 @@ def train_job(
     adapter = PemaAdapter(config)
     if start_state is not None:
         adapter.load_state_dict(start_state)
+    initial = copy.deepcopy(adapter.state_dict())
     progress = TrainProgress(train_config, quiet)
 
     def callback(event: TrainEvent) -> None:
@@ -274,7 +277,18 @@ def train_job(
         "train_config": vars(train_config),
     }
     if prior_choice is not None:
-        summary["source_prior_valid_chrf"] = {str(b): round(c, 2) for b, c in prior_chrf.items()}
+        summary["source_prior_valid_chrf"] = {
+            prior_label(*g): round(c, 2) for g, c in prior_chrf.items()
+        }
+    if prior_choice is not None and prior_chrf:
+        start_chrf = prior_chrf[config.source_prior, config.copy_prior]
+        better, trained_chrf = trained_beats_start(
+            prior_choice, adapter, start_chrf, backend.backbone, fmt, valid_pairs
+        )
+        if not better:
+            adapter.load_state_dict(initial)
+        summary["valid_chrf"] = {"start": start_chrf, "trained": trained_chrf}
+        summary["kept"] = "trained" if better else "start"
     if out_dir is not None:
         save_adapter(adapter, out_dir, extra={"training": summary})
     return TrainOutcome(adapter, report, train_mem, valid_mem, peak_rss_bytes(), summary)

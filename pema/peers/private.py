@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from pema.adapter import PemaAdapter, source_mask
+from pema.adapter import PemaAdapter
 from pema.backbone import EncodeItem
 from pema.errors import PemaError
 from pema.head import LMHead
@@ -39,6 +39,7 @@ from pema.peers.sft import Peer, SFTConfig, SFTReport, collate
 from pema.training import (
     Callback,
     PhaseReport,
+    PriorMasks,
     TrainConfig,
     TrainEvent,
     TrainReport,
@@ -108,23 +109,26 @@ class _AdapterCore(nn.Module):
         return x + h if self.residual else h
 
 
-def _pair_batch(memory: Memory, pairs: Tensor) -> tuple[Tensor, Tensor]:
-    """Keys (P x T x d) and targets (P x T, IGNORE on padding) of the given pairs."""
+def _pair_batch(memory: Memory, pairs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Keys (P x T x d), targets (P x T, IGNORE on padding) and memory rows (P x T, 0 on
+    padding) of the given pairs."""
     offsets = memory.offsets
     spans = [(int(offsets[p]), int(offsets[p + 1])) for p in pairs.tolist()]
     width = max(b - a for a, b in spans)
     keys = torch.zeros(len(spans), width, memory.keys.shape[1], dtype=memory.keys.dtype)
     targets = torch.full((len(spans), width), IGNORE, dtype=torch.long)
+    rows = torch.zeros((len(spans), width), dtype=torch.long)
     for i, (a, b) in enumerate(spans):
         keys[i, : b - a] = memory.keys[a:b]
         targets[i, : b - a] = memory.targets[a:b].long()
-    return keys, targets
+        rows[i, : b - a] = torch.arange(a, b)
+    return keys, targets, rows
 
 
-def _per_pair_ce(head: LMHead, h: Tensor, targets: Tensor, prior: Tensor | None = None) -> Tensor:
-    """Sum over pairs of each pair's mean CE over its keys (plain autograd); `prior` (P x V, the
-    source prior times its fixed β) shifts each pair's logits."""
-    logits = head(h) if prior is None else head(h) + prior[:, None, :]
+def _per_pair_ce(head: LMHead, h: Tensor, targets: Tensor, shift: Tensor | float = 0.0) -> Tensor:
+    """Sum over pairs of each pair's mean CE over its keys (plain autograd); `shift` (P x T x V,
+    the source priors' fixed logits) moves each key's logits."""
+    logits = head(h) + shift
     ce = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     return (ce.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)).sum()
 
@@ -151,10 +155,10 @@ def train_adapter_private(
         raise PemaError("DP training needs at least one epoch")
     n = train_memory.n_pairs
     train_src, valid_src = sources if sources is not None else (None, None)
-    if adapter.source_beta is not None:
-        adapter.source_beta.requires_grad_(False)
-        if train_src is None or len(train_src) != n:
-            raise PemaError("an adapter with a source prior trains with each pair's source tokens")
+    priors = PriorMasks(adapter, head, train_memory, train_src)
+    for beta in (adapter.source_beta, adapter.copy_beta):
+        if beta is not None:
+            beta.requires_grad_(False)
     head.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     adapter.B_rct.requires_grad_(False)
@@ -178,21 +182,24 @@ def train_adapter_private(
                 dp_opt.step()
                 report.steps += 1
                 continue
-            keys, targets = _pair_batch(train_memory, pairs)
+            keys, targets, rows = _pair_batch(train_memory, pairs)
             h = core(adapter.prepare(keys))
-            prior = None
-            if adapter.source_beta is not None and train_src is not None:
-                rows = [train_src[p] for p in pairs.tolist()]
-                prior = adapter.source_beta.detach() * source_mask(rows, head.vocab_size)
+
+            def chunk_ce(h_chunk: Tensor, t_chunk: Tensor, r_chunk: Tensor) -> Tensor:
+                # The priors' logits are made here, so that only one chunk's are ever held.
+                shift = adapter.prior_logits(priors(r_chunk.flatten()))
+                if isinstance(shift, Tensor):
+                    shift = shift.detach().view(*r_chunk.shape, -1)
+                return _per_pair_ce(head, h_chunk, t_chunk, shift)
+
             # Chunks of pairs through the V-wide head, recomputed in backward: peak memory is one
             # chunk of logits. The mean over the batch is the reduction Opacus is told about.
             parts = [
                 checkpoint(
-                    _per_pair_ce,
-                    head,
+                    chunk_ce,
                     h[i : i + chunk_pairs],
                     targets[i : i + chunk_pairs],
-                    None if prior is None else prior[i : i + chunk_pairs],
+                    rows[i : i + chunk_pairs],
                     use_reentrant=False,
                 )
                 for i in range(0, len(pairs), chunk_pairs)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pema.settings import PriorChoice, prior_label
 from tenant.cli import main
 
 PREFIX = "pema-tenant: error:"
@@ -492,14 +493,37 @@ def test_train_chooses_the_source_prior_on_valid_by_default(
 
     args, out = _small_train(tmp_path, tiny_model_dir, monkeypatch)
     assert main([*args, "--rank", "4", "--quiet"]) == 0
-    assert "source prior chosen on valid: β" in capsys.readouterr().out
+    assert "source priors chosen on valid: β" in capsys.readouterr().out
     adapter, doc = load_adapter(out)
-    chrf = {float(b): c for b, c in doc["training"]["source_prior_valid_chrf"].items()}
-    beta = max(chrf, key=lambda b: (chrf[b], -b))
-    assert set(chrf) == {0.0, 3.0} and adapter.config.source_prior == beta
-    assert adapter.config.lambda_max == (1.0 if beta > 0 else 0.25)
-    if beta > 0:  # chosen, then kept as chosen
-        assert float(adapter.source_beta.detach()) == beta  # type: ignore[union-attr]
+    chrf = doc["training"]["source_prior_valid_chrf"]
+    grid = {prior_label(*g): g for g in PriorChoice.grid}
+    beta, gamma = grid[max(chrf, key=lambda g: (chrf[g], -sum(grid[g])))]
+    assert set(chrf) == set(grid)
+    assert (adapter.config.source_prior, adapter.config.copy_prior) == (beta, gamma)
+    assert adapter.config.lambda_max == (1.0 if beta + gamma > 0 else 0.25)
+    # Chosen, then kept as chosen.
+    for param, value in ((adapter.source_beta, beta), (adapter.copy_beta, gamma)):
+        assert (param is None) == (value == 0)
+        assert param is None or float(param.detach()) == value
+    # The trained adapter is saved only where it beats its start on valid; else the start is.
+    gate, kept = doc["training"]["valid_chrf"], doc["training"]["kept"]
+    assert gate["start"] == chrf[prior_label(beta, gamma)]
+    assert kept == ("trained" if gate["trained"] > gate["start"] else "start")
+    assert (float(adapter.B_pd.abs().sum()) > 0) == (kept == "trained")
+
+
+def test_the_priors_are_chosen_together_or_set_together(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args, out = _small_train(tmp_path, tiny_model_dir, monkeypatch)
+    for half in (["--source-prior", "2"], ["--copy-prior", "4"]):
+        assert main([*args, *half, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "chosen together" in err and "Traceback" not in err
+        assert not out.exists()
 
 
 def test_train_with_a_source_prior_then_generate(
@@ -511,13 +535,12 @@ def test_train_with_a_source_prior_then_generate(
     from pema.adapter import load_adapter
 
     args, out = _small_train(tmp_path, tiny_model_dir, monkeypatch)
-    assert (
-        main([*args, "--rank", "4", "--source-prior", "2.5", "--fixed-source-prior", "--quiet"])
-        == 0
-    )
+    priors = ["--source-prior", "2.5", "--copy-prior", "3", "--fixed-source-prior"]
+    assert main([*args, "--rank", "4", *priors, "--quiet"]) == 0
     adapter, _ = load_adapter(out)
-    assert adapter.config.source_prior == 2.5
+    assert (adapter.config.source_prior, adapter.config.copy_prior) == (2.5, 3.0)
     assert float(adapter.source_beta.detach()) == 2.5  # type: ignore[union-attr]
+    assert float(adapter.copy_beta.detach()) == 3.0  # type: ignore[union-attr]
     capsys.readouterr()
     # Generation feeds each text's own tokens to the prior.
     assert main(["generate", "--adapter", str(out), "--model", str(tiny_model_dir), "Amen."]) == 0

@@ -77,11 +77,11 @@ def test_pema_per_pair_gradients_are_exact_and_clipped() -> None:
     plain = _AdapterCore(adapter)  # same parameters, no Opacus hooks: the one-pair reference
     expected = []
     for i in range(len(pairs)):
-        k, t = _pair_batch(memory, pairs[i : i + 1])
+        k, t, _ = _pair_batch(memory, pairs[i : i + 1])
         expected.append(
             torch.autograd.grad(_per_pair_ce(head, plain(adapter.prepare(k)), t), adapter.B_pd)[0]
         )
-    keys, targets = _pair_batch(memory, pairs)
+    keys, targets, _ = _pair_batch(memory, pairs)
     loss = _per_pair_ce(head, core(adapter.prepare(keys)), targets) / len(pairs)
     loss.backward()
     per_sample = adapter.B_pd.grad_sample  # type: ignore[attr-defined]
