@@ -173,6 +173,19 @@ def write_report(doc: dict[str, Any], folder: Path) -> None:
                 f"λ {choice['lambda_max']:g} (chrF {chrf}). "
                 f"Teacher-forced CE on the stop rows, the criterion not used: {ce}.",
             ]
+        gates = [
+            f"{k}: trained {c['valid_gate']['trained']:.1f} vs start {c['valid_gate']['start']:.1f}"
+            f" → {c['valid_gate']['kept']} kept"
+            for k, c in entry["cells"].items()
+            if c.get("valid_gate")
+        ]
+        if gates:
+            lines += [
+                "",
+                "The valid gate (as `pema-tenant train`: the trained adapter is kept only where it "
+                "generates better than its start on the valid pairs the priors were chosen on; "
+                f"chrF): {'; '.join(gates)}.",
+            ]
         analysed = [
             (k, c)
             for k, c in entry["cells"].items()

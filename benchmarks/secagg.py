@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.rounds import DATA, RESULTS, machine, node_config, publish, with_fresh_tenants
+from pema.argtypes import new_parser, positive_float, positive_int
 from tenant.demo import (
     Federation,
     Processes,
@@ -128,7 +129,7 @@ def write_report(doc: dict[str, Any]) -> None:
         f"thread(s); {doc['machine']}. Produced by `python -m benchmarks.secagg --pairs "
         f"{a['pairs']} --rounds {a['rounds']} --repeats {a['repeats']}`.",
         "",
-        f"**Machine**: {doc['load']}" + (f" {a['note']}" if a.get("note") else ""),
+        f"**Machine**: {doc['load']}" + (f" {a['conditions']}" if a.get("conditions") else ""),
         "",
         "| setting | round wall s (median) | train wall s (median) | SecAgg+ s (median) "
         "| adapters averaged |",
@@ -169,15 +170,21 @@ def load_note(start: tuple[float, ...], end: tuple[float, ...]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.secagg", description=__doc__)
-    p.add_argument("--pairs", type=int, default=100)
-    p.add_argument("--valid-pairs", type=int, default=24)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--note", default="", help="what else ran on the machine, for the report")
+    p = new_parser("python -m benchmarks.secagg", __doc__)
+    p.add_argument("--pairs", type=positive_int, default=100, help="training pairs per tenant")
+    p.add_argument("--valid-pairs", type=positive_int, default=24, help="validation pairs")
+    p.add_argument("--rounds", type=positive_int, default=3, help="rounds per run")
+    p.add_argument(
+        "--repeats", type=positive_int, default=2, help="runs of each setting, alternated"
+    )
+    p.add_argument("--epochs", type=positive_int, default=1, help="local epochs per round")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per tenant")
+    p.add_argument("--timeout", type=positive_float, default=1800, help="seconds per run")
+    p.add_argument(
+        "--conditions",
+        default="a quiet machine",
+        help="how the machine was shared while this ran, for the report",
+    )
     args = p.parse_args()
     run = uuid.uuid4().hex[:8]
     tenants = [f"bench-secagg-{run}-{i}" for i in range(len(BOOKS))]

@@ -21,7 +21,6 @@ benchmarks/results/serving.md and serving.json. `--device cuda` runs the coordin
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -37,6 +36,7 @@ import torch
 from coordinator.config import CoordinatorConfig, Tenant, TenantLimits, hash_token
 from coordinator.server import CoordinatorServer, load_model
 from pema.adapter import AdapterConfig, PemaAdapter
+from pema.argtypes import new_parser, positive_int
 from pema.backbone import EncodeItem, MemoryMode
 from pema.data import read_pairs, shared_data_dir
 from pema.generation import Mixing, generate
@@ -192,41 +192,54 @@ def concurrent_decode_rows(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=192)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--gen-prompts", type=int, default=4)
-    parser.add_argument("--gen-tokens", type=int, default=32)
-    parser.add_argument("--max-batch-tokens", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = new_parser("python -m benchmarks.serving", __doc__.splitlines()[0])
+    parser.add_argument(
+        "--pairs", type=positive_int, default=192, help="kjv_web pairs encoded per measurement"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=3, help="repeats of each measurement (median)"
+    )
+    parser.add_argument(
+        "--gen-prompts", type=positive_int, default=4, help="prompts of the batch-1 decode rows"
+    )
+    parser.add_argument(
+        "--gen-tokens", type=positive_int, default=32, help="tokens generated per prompt"
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=positive_int,
+        default=4096,
+        help="the coordinator's --max-batch-tokens",
+    )
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     parser.add_argument(
         "--sessions",
         type=int,
         nargs="+",
         default=list(SESSION_COUNTS),
-        help="concurrent Decode session counts (default: %(default)s)",
+        help="concurrent Decode session counts",
     )
     parser.add_argument(
         "--decode-wait-ms",
         type=float,
         default=20.0,
-        help="the coordinator's --decode-wait-ms (default: %(default)s)",
+        help="the coordinator's --decode-wait-ms",
     )
     parser.add_argument(
         "--conditions",
         default="a quiet machine",
-        help="how the machine was shared while this ran, for the report (default: %(default)s)",
+        help="how the machine was shared while this ran, for the report",
     )
     parser.add_argument(
         "--device",
         default="cpu",
-        help="the coordinator's device: auto, cpu or cuda[:N] (default: %(default)s)",
+        help="the coordinator's device: auto, cpu or cuda[:N]",
     )
     parser.add_argument(
         "--results",
         type=Path,
         default=RESULTS,
-        help="folder for serving.md and serving.json (default: %(default)s)",
+        help="folder for serving.md and serving.json",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -61,6 +61,17 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
         for g in (3.0, 4.0, 6.0, 8.0)
         for tag, train in (("", {}), ("-lr3e-3", {"lr": 3e-3}))
     },
+    # A gentler adapter, for the gate to keep where it beats the untrained copy prior.
+    "copy4fixed-r64-lr3e-4": (
+        {**RESIDUAL, "copy_prior": 4.0},
+        {"learn_source_prior": False, "lr": 3e-4},
+        ["constant-1.0"],
+    ),
+    "copy4fixed-r64-e1": (
+        {**RESIDUAL, "copy_prior": 4.0},
+        {"learn_source_prior": False, "epochs": 1},
+        ["constant-1.0"],
+    ),
     "copy6fixed-r16": (
         {**RESIDUAL, "copy_prior": 6.0, "rank": 16},
         {"learn_source_prior": False},
@@ -100,6 +111,14 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
     "dp8-prior3": ({**DP, "source_prior": 3.0}, DP_TRAIN, ["constant-1.0"]),
     "dp8-prior3-r16": ({**DP, "source_prior": 3.0, "rank": 16}, DP_TRAIN, ["constant-1.0"]),
     "dp3-prior3": ({**DP, "source_prior": 3.0}, {**DP_TRAIN, "dp_epsilon": 3.0}, ["constant-1.0"]),
+    "dp8-copy4": ({**DP, "copy_prior": 4.0}, DP_TRAIN, ["constant-1.0"]),
+    "dp3-copy4": ({**DP, "copy_prior": 4.0}, {**DP_TRAIN, "dp_epsilon": 3.0}, ["constant-1.0"]),
+    "dp8-residual-lr3e-2": (DP, {**DP_TRAIN, "lr": 3e-2}, ["constant-0.5", "constant-1.0"]),
+    "dp8-residual-c01": (
+        DP,
+        {**DP_TRAIN, "dp_max_grad_norm": 0.1},
+        ["constant-0.5", "constant-1.0"],
+    ),
 }
 
 

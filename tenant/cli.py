@@ -40,8 +40,9 @@ if TYPE_CHECKING:
     from tenant.backend import Backend
 
 # The defaults were chosen on valid.tsv across both tasks (benchmarks/results/compare.md): the
-# source prior's β is chosen per tenant on its own valid memory (PriorChoice), which turns it on
-# for kjv_web and off for web_es; λ is 0.25 without a prior and 1 with one.
+# source priors (β, γ) are chosen per tenant on its own valid pairs (PriorChoice), which turns the
+# copy prior on for kjv_web and both off for web_es; λ is 0.25 without a prior and 1 with one;
+# the trained adapter is kept only where it beats that start on the same valid pairs.
 BEST: dict[str, Any] = {
     "variant": "residual",
     "key_norm": "rms",
