@@ -31,6 +31,7 @@ from pema.training import (
     TrainConfig,
     TrainEvent,
     TrainReport,
+    evaluate_memory,
     train_adapter,
 )
 from tenant.backend import Backend
@@ -287,6 +288,12 @@ def train_job(
         )
         if not better:
             adapter.load_state_dict(initial)
+            # The figures describe the adapter saved; the discarded one's stay beside them.
+            summary["trained_valid"] = summary["valid"]
+            start_valid = evaluate_memory(
+                adapter, head, valid_mem.memory, with_model_baseline=True, sources=sources[1]
+            )
+            summary["valid"] = {k: round(v, 5) for k, v in start_valid.items()}
         summary["valid_chrf"] = {"start": start_chrf, "trained": trained_chrf}
         summary["kept"] = "trained" if better else "start"
     if out_dir is not None:

@@ -510,6 +510,8 @@ def test_train_chooses_the_source_prior_on_valid_by_default(
     assert gate["start"] == chrf[prior_label(beta, gamma)]
     assert kept == ("trained" if gate["trained"] > gate["start"] else "start")
     assert (float(adapter.B_pd.abs().sum()) > 0) == (kept == "trained")
+    # The summary's validation figures are the saved adapter's.
+    assert ("trained_valid" in doc["training"]) == (kept == "start")
 
 
 def test_the_priors_are_chosen_together_or_set_together(
