@@ -111,6 +111,7 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
     "dp8-prior3": ({**DP, "source_prior": 3.0}, DP_TRAIN, ["constant-1.0"]),
     "dp8-prior3-r16": ({**DP, "source_prior": 3.0, "rank": 16}, DP_TRAIN, ["constant-1.0"]),
     "dp3-prior3": ({**DP, "source_prior": 3.0}, {**DP_TRAIN, "dp_epsilon": 3.0}, ["constant-1.0"]),
+    "dp3-residual": (DP, {**DP_TRAIN, "dp_epsilon": 3.0}, ["constant-0.5", "constant-1.0"]),
     "dp8-copy4": ({**DP, "copy_prior": 4.0}, DP_TRAIN, ["constant-1.0"]),
     "dp3-copy4": ({**DP, "copy_prior": 4.0}, {**DP_TRAIN, "dp_epsilon": 3.0}, ["constant-1.0"]),
     "dp8-residual-lr3e-2": (DP, {**DP_TRAIN, "lr": 3e-2}, ["constant-0.5", "constant-1.0"]),
