@@ -468,7 +468,7 @@ def pema_cell(
     from transformers import AutoTokenizer
 
     from pema.adapter import PemaAdapter
-    from pema.evaluation import pema_decoder, trained_beats_start
+    from pema.evaluation import keep_if_better, pema_decoder
     from pema.generation import Mixing
     from pema.process import peak_rss_bytes
     from pema.prompts import TASK_TEMPLATES, PromptFormat
@@ -493,14 +493,17 @@ def pema_cell(
     gate = None
     if prior is not None and prior["valid_chrf"]:
         # As `pema-tenant train` does: the trained adapter only if it beats its start on valid.
-        start = prior["valid_chrf"][prior_label(prior["source_prior"], prior["copy_prior"])]
-        better, trained = trained_beats_start(
-            PriorChoice(), adapter, start, lm, fmt, r.select, p.batch_size
+        torch.manual_seed(seed)  # train_from_memories' start: the same seed, the same init
+        gate = keep_if_better(
+            PriorChoice(),
+            adapter,
+            PemaAdapter(adapter.config).state_dict(),
+            prior["valid_chrf"][prior_label(prior["source_prior"], prior["copy_prior"])],
+            lm,
+            fmt,
+            r.select,
+            p.batch_size,
         )
-        gate = {"start": start, "trained": trained, "kept": "trained" if better else "start"}
-        if not better:
-            torch.manual_seed(seed)
-            adapter = PemaAdapter(adapter.config).eval()
     mixings = method.mixings or (f"{BEST['schedule']}-{adapter.config.lambda_max}",)
     select = {
         m: _generate(pema_decoder(lm, adapter, Mixing.parse(m)), fmt, r.select, rho, p)

@@ -11,9 +11,11 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import sacrebleu
+from torch import Tensor
 
 from pema.adapter import AdapterConfig, PemaAdapter
 from pema.backbone import Backbone
@@ -174,20 +176,22 @@ def choose_source_prior(
     return config.replace(source_prior=beta, copy_prior=gamma, lambda_max=lam), chrf
 
 
-def trained_beats_start(
+def keep_if_better(
     choice: PriorChoice,
     adapter: PemaAdapter,
+    start: dict[str, Tensor],
     start_chrf: float,
     backbone: Backbone,
     fmt: PromptFormat,
     valid: Sequence[Pair],
     batch_size: int = 16,
-) -> tuple[bool, float]:
-    """Whether the trained adapter generates better than its start (the untrained adapter with
-    the chosen priors, chrF `start_chrf`) on the pairs the priors were chosen on, and its chrF
-    there. A tenant keeps its start where training does not pay: on kjv_web the teacher-forced
-    objective trades the copy prior's verbatim spans for the reference's own wording, which a
-    last-layer adapter cannot predict (README)."""
+) -> dict[str, Any]:
+    """Keep the trained adapter only if it generates better than its start (`start`: its state
+    before training, the untrained adapter with the chosen priors, chrF `start_chrf`) on the
+    pairs the priors were chosen on; else load the start back into `adapter`. Returns both
+    chrF and which was kept. A tenant keeps its start where training does not pay: on kjv_web
+    the teacher-forced objective trades the copy prior's verbatim spans for the reference's own
+    wording, which a last-layer adapter cannot predict (README)."""
     config = adapter.config
     pairs = choice_pairs(choice, config.rho, backbone, fmt, valid)
     mixing = Mixing(config.lambda_max, config.schedule)
@@ -195,7 +199,10 @@ def trained_beats_start(
     adapter.eval()
     chrf = valid_chrf(pema_decoder(backbone, adapter, mixing), fmt, pairs, config.rho, batch_size)
     adapter.train(was_training)
-    return chrf > start_chrf, chrf
+    better = chrf > start_chrf
+    if not better:
+        adapter.load_state_dict(start)
+    return {"start": start_chrf, "trained": chrf, "kept": "trained" if better else "start"}
 
 
 def paired_bootstrap(

@@ -20,7 +20,7 @@ from pema.adapter import AdapterConfig, PemaAdapter, load_adapter, save_adapter
 from pema.backbone import EncodeItem, MemoryMode
 from pema.data import Pair, pair_origin
 from pema.errors import DataError
-from pema.evaluation import choose_source_prior, score, trained_beats_start, translate
+from pema.evaluation import choose_source_prior, keep_if_better, score, translate
 from pema.generation import Mixing, token_ratio
 from pema.memory import Memory, MemorySpec, build_memory, memory_spec
 from pema.process import peak_rss_bytes
@@ -244,7 +244,8 @@ def train_job(
     adapter = PemaAdapter(config)
     if start_state is not None:
         adapter.load_state_dict(start_state)
-    initial = copy.deepcopy(adapter.state_dict())
+    # The gate after training may put this start back.
+    initial = copy.deepcopy(adapter.state_dict()) if prior_choice is not None else {}
     progress = TrainProgress(train_config, quiet)
 
     def callback(event: TrainEvent) -> None:
@@ -282,20 +283,24 @@ def train_job(
             prior_label(*g): round(c, 2) for g, c in prior_chrf.items()
         }
     if prior_choice is not None and prior_chrf:
-        start_chrf = prior_chrf[config.source_prior, config.copy_prior]
-        better, trained_chrf = trained_beats_start(
-            prior_choice, adapter, start_chrf, backend.backbone, fmt, valid_pairs
+        gate = keep_if_better(
+            prior_choice,
+            adapter,
+            initial,
+            prior_chrf[config.source_prior, config.copy_prior],
+            backend.backbone,
+            fmt,
+            valid_pairs,
         )
-        if not better:
-            adapter.load_state_dict(initial)
+        if gate["kept"] == "start":
             # The figures describe the adapter saved; the discarded one's stay beside them.
             summary["trained_valid"] = summary["valid"]
             start_valid = evaluate_memory(
                 adapter, head, valid_mem.memory, with_model_baseline=True, sources=sources[1]
             )
             summary["valid"] = {k: round(v, 5) for k, v in start_valid.items()}
-        summary["valid_chrf"] = {"start": start_chrf, "trained": trained_chrf}
-        summary["kept"] = "trained" if better else "start"
+        summary["valid_chrf"] = {"start": gate["start"], "trained": gate["trained"]}
+        summary["kept"] = gate["kept"]
     if out_dir is not None:
         save_adapter(adapter, out_dir, extra={"training": summary})
     return TrainOutcome(adapter, report, train_mem, valid_mem, peak_rss_bytes(), summary)
