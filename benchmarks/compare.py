@@ -647,6 +647,14 @@ def run_cell(p: Protocol, method_name: str, seed: int) -> dict[str, Any]:
     }
 
 
+def task_key(p: Protocol) -> str:
+    """compare.json's entry for a protocol: the task's name at the default training pairs and
+    epochs; learning-curve points sit beside it (kjv_web-n5000-e1: 5,000 pairs, 1 epoch)."""
+    d = Protocol(p.task)
+    changed = (("n", p.train_pairs, d.train_pairs), ("e", p.max_epochs, d.max_epochs))
+    return p.task + "".join(f"-{tag}{v}" for tag, v, default in changed if v != default)
+
+
 class Store:
     """compare.json: the protocol of each task and its finished cells; rewritten after each."""
 
@@ -655,11 +663,12 @@ class Store:
         self.doc: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
 
     def task(self, p: Protocol) -> dict[str, Any]:
-        entry = self.doc.setdefault(p.task, {"protocol": asdict(p), "cells": {}})
+        key = task_key(p)
+        entry = self.doc.setdefault(key, {"protocol": asdict(p), "cells": {}})
         # Fields added to Protocol later read as their defaults in older files.
         entry["protocol"] = {**asdict(Protocol(p.task)), **entry["protocol"]}
         if entry["protocol"] != asdict(p):
-            print(f"[{p.task}] protocol changed: earlier cells dropped", file=sys.stderr)
+            print(f"[{key}] protocol changed: earlier cells dropped", file=sys.stderr)
             entry.clear()
             entry.update({"protocol": asdict(p), "cells": {}})
         return entry

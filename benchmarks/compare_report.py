@@ -218,7 +218,68 @@ def write_report(doc: dict[str, Any], folder: Path) -> None:
         lines.append("")
         plot(task, entry, folder / f"compare-{task}.png")
         lines += [f"![{task}](compare-{task}.png)", ""]
+    lines += curves(doc, folder)
     (folder / "compare.md").write_text("\n".join(lines))
+
+
+CURVE_METHODS = ("copy", "untuned", "pema", "lora")
+
+
+def curves(doc: dict[str, Any], folder: Path) -> list[str]:
+    """Learning curves: per task, the core rows at every training-pair count run (one
+    compare.json entry per count), with their intervals at that count; and curve-<task>.png."""
+    from benchmarks.compare import Protocol, rows
+
+    lines: list[str] = []
+    by_task: dict[str, list[tuple[Protocol, dict[str, Any]]]] = {}
+    for key, entry in doc.items():
+        if key != "machine":
+            p = Protocol(**entry["protocol"])
+            by_task.setdefault(p.task, []).append((p, entry))
+    for task, points in by_task.items():
+        if len({p.train_pairs for p, _ in points}) < 2:
+            continue
+        points.sort(key=lambda pe: pe[0].train_pairs)
+        lines += [
+            f"## {task}: learning curve",
+            "",
+            "The core rows at each training-pair count (each count's own entry above: its own "
+            "memories, prior choice, untuned cap ρ and intervals; the epoch cap is the entry's).",
+            "",
+            "| training pairs | max epochs | method | seed | train s | peak RSS MiB | chrF "
+            "| Δ chrF vs untuned | Δ chrF vs LoRA |",
+            "|---:|---:|---|---:|---:|---:|---:|---|---|",
+        ]
+        series: dict[str, list[tuple[int, float]]] = {}
+        for p, entry in points:
+            refs = [x.target for x in rows(p).test]
+            for r in task_rows(entry, refs):
+                if r["method"] not in CURVE_METHODS:
+                    continue
+                series.setdefault(r["method"], []).append((p.train_pairs, r["test"]["chrf"]))
+                lines.append(
+                    f"| {p.train_pairs} | {p.max_epochs} | {r['method']} | {_num(r.get('seed'))} "
+                    f"| {_num(r.get('train_seconds'))} | {_num(r.get('peak_rss_mib'))} "
+                    f"| {r['test']['chrf']:.1f} "
+                    f"| {_interval(r['vs_untuned']) if 'vs_untuned' in r else ''} "
+                    f"| {_interval(r['vs_lora']) if 'vs_lora' in r else ''} |"
+                )
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for method, xy in sorted(series.items()):
+            xs = sorted({x for x, _ in xy})
+            mean = [sum(c for x, c in xy if x == n) / sum(1 for x, _ in xy if x == n) for n in xs]
+            ax.plot(xs, mean, marker="o", ls="--" if method in ("copy", "untuned") else "-",
+                    label=method)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("training pairs (log)")
+        ax.set_ylabel("test chrF (mean over seeds)")
+        ax.set_title(f"{task}: learning curve")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / f"curve-{task}.png", dpi=110)
+        plt.close(fig)
+        lines += ["", f"![{task} learning curve](curve-{task}.png)", ""]
+    return lines
 
 
 def plot(task: str, entry: dict[str, Any], path: Path) -> None:

@@ -37,6 +37,9 @@ class TrainConfig:
     dp_batch_pairs: int = 32  # expected pairs per Poisson-sampled batch
     # Learn the source priors' β and γ (else they stay at their AdapterConfig starts, settings).
     learn_source_prior: bool = True
+    # Wall-clock cap per phase: a phase stops at its first validation after this many seconds
+    # (best checkpoint kept, PhaseReport.out_of_time set). None: epochs and early stopping only.
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("rct_batch_size", "batch_size", "eval_every", "ce_chunk_size"):
@@ -50,6 +53,8 @@ class TrainConfig:
             )
         if not self.lr > 0:
             raise PemaError(f"lr must be positive, got {self.lr}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise PemaError(f"time_budget_s must be positive, got {self.time_budget_s}")
         if self.dp_epsilon is not None and not self.dp_epsilon > 0:
             raise PemaError(f"dp_epsilon must be positive, got {self.dp_epsilon}")
         if not self.dp_max_grad_norm > 0 or self.dp_batch_pairs < 1:
@@ -75,6 +80,7 @@ class PhaseReport:
     epochs_run: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
+    out_of_time: bool = False  # stopped by TrainConfig.time_budget_s
     best_valid: float = math.inf
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -231,7 +237,12 @@ def _run_phase(
                     phase, "valid", epoch, report.steps, steps_per_epoch, metrics["loss"], metrics
                 )
             )
-        return stopper.should_stop(metrics["loss"])
+        if stopper.should_stop(metrics["loss"]):
+            return True
+        report.out_of_time = (
+            cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s
+        )
+        return report.out_of_time
 
     adapter.train()
     stop = False
@@ -252,7 +263,7 @@ def _run_phase(
                 break
         report.epochs_run = epoch
         if stop or (report.steps % cfg.eval_every != 0 and validate(epoch)):
-            report.stopped_early = True
+            report.stopped_early = not report.out_of_time
             break
     adapter.load_state_dict(best_state)
     adapter.eval()

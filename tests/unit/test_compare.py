@@ -161,3 +161,33 @@ def test_two_runs_saving_one_results_file_keep_each_others_cells(tmp_path: Path)
     second.save()
     assert set(Store(path).task(p)["cells"]) == {"copy", "untuned"}
     assert [f.name for f in tmp_path.iterdir()] == ["compare.json"]  # no temporaries left
+
+
+def test_learning_curve_points_sit_beside_the_default_entry_and_are_reported(
+    tmp_path: Path,
+) -> None:
+    from benchmarks.compare import Store, rows, task_key
+    from benchmarks.compare_report import write_report
+
+    path = tmp_path / "compare.json"
+    base = Protocol("kjv_web", test_pairs=20)
+    more = Protocol("kjv_web", train_pairs=5000, max_epochs=1, test_pairs=20)
+    assert (task_key(base), task_key(more)) == ("kjv_web", "kjv_web-n5000-e1")
+    test = rows(base).test
+    store = Store(path)
+    for p, chrf in ((base, 40.0), (more, 50.0)):
+        cells = store.task(p)["cells"]
+        cells["copy"] = {"method": "copy", "label": "copy", "seed": 0,
+                         "test": {"chrf": 60.0, "bleu": 30.0, "outputs": [x.source for x in test]}}  # fmt: skip
+        cells["pema/seed0"] = {"method": "pema", "label": "PEMA", "seed": 0,
+                               "test": {"chrf": chrf, "bleu": 20.0,
+                                        "outputs": [x.target for x in test]}}  # fmt: skip
+    store.save()
+    doc = Store(path).doc
+    assert {k for k in doc if k != "machine"} == {"kjv_web", "kjv_web-n5000-e1"}
+    write_report(doc, tmp_path)
+    md = (tmp_path / "compare.md").read_text()
+    curve = md[md.index("## kjv_web: learning curve") :]
+    assert "| 1000 | 2 | pema | 0 |" in curve and "| 40.0 |" in curve
+    assert "| 5000 | 1 | pema | 0 |" in curve and "| 50.0 |" in curve
+    assert (tmp_path / "curve-kjv_web.png").is_file()

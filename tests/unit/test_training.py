@@ -172,6 +172,22 @@ def test_training_stops_early_and_keeps_the_best_adapter(
     assert report.valid["loss"] == pytest.approx(min(losses), rel=1e-6)
 
 
+def test_time_budget_stops_at_the_first_validation_past_it(
+    toy: tuple[FrozenLM, Memory, Memory],
+) -> None:
+    lm, train, valid = toy
+    adapter = PemaAdapter(AdapterConfig(hidden_size=32, rank=16, variant="residual", kappa=0.0))
+    cfg = TrainConfig(
+        batch_size=32, epochs=20, eval_every=2, head_matmul_dtype="float32", time_budget_s=1e-9
+    )
+    p2 = train_adapter(adapter, lm.head(), train, valid, cfg).phases[2]
+    assert p2.out_of_time and not p2.stopped_early
+    assert [h["step"] for h in p2.history] == [2]
+    assert p2.epochs_run == 1 and p2.steps == 2
+    with pytest.raises(PemaError, match="time_budget_s"):
+        TrainConfig(time_budget_s=0)
+
+
 def test_training_input_checks(toy: tuple[FrozenLM, Memory, Memory]) -> None:
     lm, train, valid = toy
     empty = valid.split_pairs([])
