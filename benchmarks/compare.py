@@ -472,7 +472,7 @@ def pema_cell(
     from pema.generation import Mixing
     from pema.process import peak_rss_bytes
     from pema.prompts import TASK_TEMPLATES, PromptFormat
-    from pema.settings import PriorChoice, prior_label
+    from pema.settings import PriorChoice
     from tenant.cli import BEST
 
     r = rows(p)
@@ -498,7 +498,6 @@ def pema_cell(
             PriorChoice(),
             adapter,
             PemaAdapter(adapter.config).state_dict(),
-            prior["valid_chrf"][prior_label(prior["source_prior"], prior["copy_prior"])],
             lm,
             fmt,
             r.select,

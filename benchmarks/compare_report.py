@@ -175,7 +175,12 @@ def write_report(doc: dict[str, Any], folder: Path) -> None:
             ]
         gates = [
             f"{k}: trained {c['valid_gate']['trained']:.1f} vs start {c['valid_gate']['start']:.1f}"
-            f" → {c['valid_gate']['kept']} kept"
+            + (
+                f" [{c['valid_gate']['interval'][0]:+.1f}, {c['valid_gate']['interval'][1]:+.1f}]"
+                if "interval" in c["valid_gate"]
+                else ""
+            )
+            + f" → {c['valid_gate']['kept']} kept"
             for k, c in entry["cells"].items()
             if c.get("valid_gate")
         ]

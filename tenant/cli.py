@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 # The defaults were chosen on valid.tsv across both tasks (benchmarks/results/compare.md): the
 # source priors (β, γ) are chosen per tenant on its own valid pairs (PriorChoice), which turns the
 # copy prior on for kjv_web and both off for web_es; λ is 0.25 without a prior and 1 with one;
-# the trained adapter is kept only where it beats that start on the same valid pairs.
+# the trained adapter is kept only where it clearly beats that start on the same valid pairs
+# (paired-bootstrap interval above 0).
 BEST: dict[str, Any] = {
     "variant": "residual",
     "key_norm": "rms",
@@ -433,11 +434,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "kept" in s:
             chrf = s["valid_chrf"]
             print(
-                f"valid chrF: trained {chrf['trained']:.1f}, start {chrf['start']:.1f}: "
+                f"valid chrF: trained {chrf['trained']:.1f}, start {chrf['start']:.1f} "
+                f"(difference 95% interval [{chrf['interval'][0]:+.1f}, "
+                f"{chrf['interval'][1]:+.1f}]): "
                 + (
                     "the trained adapter is kept"
                     if s["kept"] == "trained"
-                    else "training did not pay on valid, the start (priors, no training) is kept"
+                    else "training did not clearly pay on valid, the start (priors, no training) "
+                    "is kept"
                 )
             )
     privacy = outcome.report.privacy

@@ -287,7 +287,6 @@ def train_job(
             prior_choice,
             adapter,
             initial,
-            prior_chrf[config.source_prior, config.copy_prior],
             backend.backbone,
             fmt,
             valid_pairs,
@@ -299,7 +298,7 @@ def train_job(
                 adapter, head, valid_mem.memory, with_model_baseline=True, sources=sources[1]
             )
             summary["valid"] = {k: round(v, 5) for k, v in start_valid.items()}
-        summary["valid_chrf"] = {"start": gate["start"], "trained": gate["trained"]}
+        summary["valid_chrf"] = {k: gate[k] for k in ("start", "trained", "interval")}
         summary["kept"] = gate["kept"]
     if out_dir is not None:
         save_adapter(adapter, out_dir, extra={"training": summary})
