@@ -58,7 +58,7 @@ METHODS: dict[str, Method] = {
     "untuned": Method("untuned model", "untuned", seeded=False),
     "pema": Method(
         "PEMA, shipped default (pema-tenant train: priors β, γ chosen on valid and fixed; the "
-        "trained adapter kept only where it beats its start on valid)",
+        "trained adapter kept only where it clearly beats its start on valid)",
         "pema",
     ),
     "pema-noprior": Method(
