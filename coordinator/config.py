@@ -230,7 +230,14 @@ class CoordinatorConfig:
         if self.session_idle_seconds < 0 or self.grace_seconds < 0 or self.decode_wait_seconds < 0:
             raise ConfigError("durations must not be negative")
         if self.model is not None and not (self.model / "config.json").is_file():
-            raise ConfigError(f"{self.model}: not a Hugging Face model folder")
+            # Only here, where the value is no folder: the registry's module loads torch.
+            from pema.models import MODELS
+
+            if str(self.model) not in MODELS:
+                raise ConfigError(
+                    f"{self.model}: not a Hugging Face model folder nor a model name "
+                    f"({', '.join(MODELS)})"
+                )
 
     def with_(self, **changes: Any) -> CoordinatorConfig:
         return replace(self, **changes)

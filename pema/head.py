@@ -6,6 +6,7 @@ last-layer hidden state f(c). The head is all a tenant holds of the model.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,9 @@ class HeadSpec:
         if not isinstance(out, nn.Linear):
             raise ModelError(f"{type(model).__name__}: output embedding is not a linear layer")
         config = getattr(model, "config", None)
-        softcap = getattr(config, "final_logit_softcapping", None)
+        # A multimodal config keeps the language model's settings in its text config.
+        text_config = config.get_text_config() if config is not None else None
+        softcap = getattr(text_config, "final_logit_softcapping", None)
         if isinstance(norm, nn.LayerNorm):
             kind, eps = "layer", norm.eps
             nb = _cpu_fp32(norm.bias) if norm.bias is not None else None
@@ -80,19 +83,49 @@ class HeadSpec:
             eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
             nb = None
         nw = getattr(norm, "weight", None)
-        if nw is None:
+        if not isinstance(nw, Tensor):
             raise ModelError(f"{type(norm).__name__}: final norm has no weight")
-        offset = 1.0 if "gemma" in type(norm).__name__.lower() else 0.0
+        nw = _cpu_fp32(nw)
         return cls(
             norm_kind=kind,
             eps=float(eps),
-            norm_weight=_cpu_fp32(nw),
+            norm_weight=nw,
             norm_bias=nb,
-            norm_weight_offset=offset,
+            norm_weight_offset=_weight_offset(norm, kind, float(eps), nw, nb),
             weight=_cpu_fp32(out.weight),
             bias=_cpu_fp32(out.bias) if out.bias is not None else None,
             softcap=float(softcap) if softcap else None,
         )
+
+
+def _normalize(
+    h: Tensor, kind: str, eps: float, weight: Tensor, bias: Tensor | None, offset: float
+) -> Tensor:
+    if kind == "layer":
+        return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    scale = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h * scale * (weight + offset)
+
+
+def _weight_offset(
+    norm: nn.Module, kind: str, eps: float, weight: Tensor, bias: Tensor | None
+) -> float:
+    """The offset with which the head's norm reproduces the model's own on a probe: 0 (scale by
+    w) or, for an RMSNorm, 1 (Gemma's 1 + w). Checked rather than guessed from the class name,
+    so a norm the head cannot reproduce is refused instead of silently changing the model."""
+    probe = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)) * 3
+    reference = copy.deepcopy(norm).to("cpu", torch.float32)
+    with torch.no_grad():
+        expected = reference(probe).float()
+    for offset in (0.0, 1.0) if kind == "rms" else (0.0,):
+        if torch.allclose(
+            _normalize(probe, kind, eps, weight, bias, offset), expected, rtol=1e-4, atol=1e-5
+        ):
+            return offset
+    raise ModelError(
+        f"{type(norm).__name__}: the head cannot reproduce this final norm (it supports "
+        "LayerNorm and RMSNorm scaled by w or by 1 + w)"
+    )
 
 
 class LMHead(nn.Module):
@@ -131,12 +164,10 @@ class LMHead(nn.Module):
 
     def normalize(self, h: Tensor) -> Tensor:
         """N(h): the model's final norm with its learned weights."""
-        h = h.float()
         s = self.spec
-        if s.norm_kind == "layer":
-            return F.layer_norm(h, (h.shape[-1],), self.norm_weight, self.norm_bias, s.eps)
-        scale = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + s.eps)
-        return h * scale * (self.norm_weight + s.norm_weight_offset)
+        return _normalize(
+            h.float(), s.norm_kind, s.eps, self.norm_weight, self.norm_bias, s.norm_weight_offset
+        )
 
     def logits_from_normalized(self, n: Tensor) -> Tensor:
         logits = F.linear(n, self.weight, self.bias)

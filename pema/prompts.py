@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from jinja2 import TemplateError
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from pema.backbone import EncodeItem
@@ -18,10 +19,29 @@ TASK_TEMPLATES = {
 }
 
 
+def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template closes a model turn with: SmolLM2's <|im_end|> (also
+    its eos) or Gemma's <end_of_turn> (not its eos: Gemma's eos ends a document, not a turn)."""
+    marker = "Amen."
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}],
+            tokenize=False,
+        )
+    except (TemplateError, ValueError):  # a template that takes no assistant turn
+        return None
+    _, found, after = str(text).rpartition(marker)
+    ids = tokenizer.encode(after, add_special_tokens=False) if found else []
+    added = tokenizer.added_tokens_decoder.get(ids[0]) if ids else None
+    return ids[0] if added is not None and added.special else None
+
+
 class PromptFormat:
     """A task template around the source, wrapped in the model's chat template when it has one.
 
-    Targets end with the model's end-of-turn token so an adapter also learns where to stop.
+    Targets end with the model's end-of-turn token (`eos_id`: the chat template's, else the
+    tokenizer's end of sequence) so an adapter also learns where to stop; generation stops there,
+    at the tokenizer's own end of sequence, or at a token that contains a newline.
     """
 
     def __init__(
@@ -39,9 +59,11 @@ class PromptFormat:
             raise DataError("the tokenizer defines no end-of-sequence token")
         self.tokenizer = tokenizer
         self.template = template
-        self.eos_id = int(tokenizer.eos_token_id)
+        end = _end_of_turn(tokenizer) if tokenizer.chat_template else None
+        self.eos_id = int(tokenizer.eos_token_id) if end is None else end
         self.stop_ids = frozenset(
-            {self.eos_id} | {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])}
+            {self.eos_id, int(tokenizer.eos_token_id)}
+            | {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])}
         )
 
     def prompt_ids(self, source: str) -> list[int]:

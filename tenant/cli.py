@@ -65,7 +65,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         default=None,
-        help="local Hugging Face causal-LM folder (default: SmolLM2-135M-Instruct)",
+        help="local Hugging Face causal-LM folder, or a model name: gemma-3-270m "
+        "(opt-in, Gemma terms; `make gemma`) (default: SmolLM2-135M-Instruct)",
     )
     p.add_argument(
         "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"

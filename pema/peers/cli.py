@@ -126,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train", type=Path, required=True, help="TSV with source and target columns")
     t.add_argument("--test", type=Path, required=True, help="TSV with source and target columns")
     t.add_argument(
-        "--model", type=Path, default=None, help="HF model folder (default: SmolLM2-135M-Instruct)"
+        "--model",
+        type=Path,
+        default=None,
+        help="HF model folder, or a model name: gemma-3-270m (opt-in, Gemma terms; `make gemma`) "
+        "(default: SmolLM2-135M-Instruct)",
     )
     t.add_argument(
         "--template", default=DEFAULT_TEMPLATE, help="task prompt with a {source} placeholder"

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from tiny_model import make_tiny_gemma3
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, PreTrainedModel
 
 from pema.backbone import EncodeItem, FrozenLM, LocalSession, MemoryMode, token_batches
@@ -79,6 +80,49 @@ def test_head_reproduces_gpt2_distribution() -> None:
     assert info.norm_kind == "layer"
     assert info.max_length == 128
     assert info.hidden_size == 32 and info.vocab_size == 500
+
+
+@pytest.mark.parametrize("softcap", [None, 0.1], ids=["plain", "softcap"])
+def test_head_reproduces_gemma3_distribution(softcap: float | None) -> None:
+    """Gemma3 differs from Llama where the head is concerned: its RMSNorm scales by (1 + w) and
+    it may soft-cap the final logits (0.1 bites on this tiny model's logits of about ±0.3)."""
+    model = make_tiny_gemma3(seed=1, softcap=softcap)
+    _assert_head_reproduces_logits(model, model.config.vocab_size)
+    lm = FrozenLM(make_tiny_gemma3(seed=1, softcap=softcap), "t", "r")
+    assert lm.head_spec.norm_weight_offset == 1.0
+    assert lm.head_spec.softcap == softcap
+    assert lm.info.norm_kind == "rms" and lm.info.vocab_size == 300
+
+
+def test_gemma3_sliding_window_keys_do_not_depend_on_batching() -> None:
+    """Sequences longer than the sliding window, left-padded in a batch or decoded through a
+    session's sliding-window cache, see what they would see alone."""
+    lm = FrozenLM(make_tiny_gemma3(seed=2), "tiny", "rev")
+    assert not lm.batchable_decode  # sliding-window caches are never stacked across sessions
+    items = _items(lm.info.vocab_size)
+    for mode in MemoryMode:
+        batched = lm.encode(items, mode)
+        for item, enc in zip(items, batched, strict=True):
+            (alone,) = lm.encode([item], mode)
+            torch.testing.assert_close(enc.keys, alone.keys, rtol=1e-5, atol=1e-5)
+            assert enc.generated == alone.generated
+            if enc.generated is not None:
+                (forced,) = lm.encode(
+                    [EncodeItem(item.prompt, enc.generated)], MemoryMode.TEACHER_FORCED
+                )
+                torch.testing.assert_close(enc.keys, forced.keys, rtol=1e-5, atol=1e-5)
+    reference = make_tiny_gemma3(seed=2)
+    prompts = [_random_ids(7, 300, 30), _random_ids(2, 300, 31)]
+    steps = [_random_ids(6, 300, 40 + i) for i in range(2)]
+    session = lm.session()
+    states = [session.start(prompts)]
+    for t in range(6):
+        states.append(session.step([steps[i][t] for i in range(2)]))
+    session.close()
+    for i in range(2):
+        plain = _pre_norm_states(reference, reference.model.norm, prompts[i] + steps[i])[0]
+        got = torch.stack([s[i] for s in states])
+        torch.testing.assert_close(got, plain[len(prompts[i]) - 1 :], rtol=1e-5, atol=1e-5)
 
 
 def test_gpt2_free_running_matches_teacher_forced() -> None:

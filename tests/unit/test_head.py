@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_model import make_tiny_gemma3
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from pema.errors import ModelError
 from pema.head import HeadSpec, LMHead, load_head, save_head
@@ -127,3 +130,25 @@ def test_head_rejects_inconsistent_shapes() -> None:
     spec.norm_weight = torch.ones(5)
     with pytest.raises(ModelError):
         LMHead(spec)
+
+
+class _DoubledRMSNorm(nn.Module):
+    """An RMSNorm scaled by 2w: neither Llama's w nor Gemma's 1 + w."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.eps = 1e-6
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def test_head_takes_the_norm_scale_the_model_computes_and_refuses_others() -> None:
+    model = make_tiny_gemma3()
+    assert HeadSpec.from_model(model).norm_weight_offset == 1.0  # Gemma3RMSNorm: 1 + w
+    model.model.norm = LlamaRMSNorm(32)
+    assert HeadSpec.from_model(model).norm_weight_offset == 0.0
+    model.model.norm = _DoubledRMSNorm(32)
+    with pytest.raises(ModelError, match="_DoubledRMSNorm"):
+        HeadSpec.from_model(model)
