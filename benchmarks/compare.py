@@ -807,7 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="",
-        help="local Hugging Face model folder (default: SmolLM2-135M-Instruct)",
+        help="local Hugging Face model folder, or a model name: gemma-3-270m (opt-in, `make "
+        "gemma`) (default: SmolLM2-135M-Instruct)",
     )
     p.add_argument(
         "--data", default="", help="folder of train/valid/test.tsv (default: ../shared/data/<task>)"
