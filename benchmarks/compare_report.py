@@ -235,7 +235,7 @@ CURVE_METHODS = ("copy", "untuned", "pema", "lora")
 def curves(doc: dict[str, Any], folder: Path) -> list[str]:
     """Learning curves: per task, the core rows at every training-pair count run (one
     compare.json entry per count), with their intervals at that count; and curve-<task>.png."""
-    from benchmarks.compare import Protocol, rows
+    from benchmarks.compare import METHODS, Protocol, rows
 
     lines: list[str] = []
     by_task: dict[str, list[tuple[Protocol, dict[str, Any]]]] = {}
@@ -265,7 +265,8 @@ def curves(doc: dict[str, Any], folder: Path) -> list[str]:
                     continue
                 series.setdefault(r["method"], []).append((p.train_pairs, r["test"]["chrf"]))
                 lines.append(
-                    f"| {p.train_pairs} | {p.max_epochs} | {r['method']} | {_num(r.get('seed'))} "
+                    f"| {p.train_pairs} | {p.max_epochs} | {r['method']} "
+                    f"| {r['seed'] if METHODS[r['method']].seeded else ''} "
                     f"| {_num(r.get('train_seconds'))} | {_num(r.get('peak_rss_mib'))} "
                     f"| {r['test']['chrf']:.1f} "
                     f"| {_interval(r['vs_untuned']) if 'vs_untuned' in r else ''} "
