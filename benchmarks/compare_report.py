@@ -109,7 +109,8 @@ def write_report(doc: dict[str, Any], folder: Path) -> None:
         "# Every method, matched",
         "",
         "Produced by `.venv/bin/python -m benchmarks.compare` (resumable; cells in compare.json).",
-        f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch threads "
+        f"Machine of the latest run (cells from earlier runs may have run on another 2-core "
+        f"machine; the README says which): {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch threads "
         f"{m.get('torch_threads', '?')}, forward/generation dtype {m.get('dtype', '?')}. "
         "Each cell's load average at its start and end is in compare.json (the machine was "
         "shared with other work where it is above 2).",
