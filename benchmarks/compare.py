@@ -492,7 +492,7 @@ def pema_cell(
     lm, _ = _frozen(p)
     gate = None
     if prior is not None and prior["valid_chrf"]:
-        # As `pema-tenant train` does: the trained adapter only if it beats its start on valid.
+        # As `pema-tenant train` does: the trained adapter only if it clearly beats its start.
         torch.manual_seed(seed)  # train_from_memories' start: the same seed, the same init
         gate = keep_if_better(
             PriorChoice(),

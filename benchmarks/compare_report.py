@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -258,13 +259,14 @@ def curves(doc: dict[str, Any], folder: Path) -> list[str]:
             "| Δ chrF vs untuned | Δ chrF vs LoRA |",
             "|---:|---:|---|---:|---:|---:|---:|---|---|",
         ]
-        series: dict[str, list[tuple[int, float]]] = {}
+        series: dict[str, dict[int, list[float]]] = {}  # method -> pairs -> chrF of each seed
         for p, entry in points:
             refs = [x.target for x in rows(p).test]
             for r in task_rows(entry, refs):
                 if r["method"] not in CURVE_METHODS:
                     continue
-                series.setdefault(r["method"], []).append((p.train_pairs, r["test"]["chrf"]))
+                at = series.setdefault(r["method"], {}).setdefault(p.train_pairs, [])
+                at.append(r["test"]["chrf"])
                 lines.append(
                     f"| {p.train_pairs} | {p.max_epochs} | {r['method']} "
                     f"| {r['seed'] if METHODS[r['method']].seeded else ''} "
@@ -274,11 +276,10 @@ def curves(doc: dict[str, Any], folder: Path) -> list[str]:
                     f"| {_interval(r['vs_lora']) if 'vs_lora' in r else ''} |"
                 )
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for method, xy in sorted(series.items()):
-            xs = sorted({x for x, _ in xy})
-            mean = [sum(c for x, c in xy if x == n) / sum(1 for x, _ in xy if x == n) for n in xs]
-            ax.plot(xs, mean, marker="o", ls="--" if method in ("copy", "untuned") else "-",
-                    label=method)  # fmt: skip
+        for method, by_pairs in sorted(series.items()):
+            xs = sorted(by_pairs)
+            ax.plot(xs, [statistics.mean(by_pairs[n]) for n in xs], marker="o",
+                    ls="--" if method in ("copy", "untuned") else "-", label=method)  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("training pairs (log)")
         ax.set_ylabel("test chrF (mean over seeds)")
