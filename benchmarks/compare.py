@@ -115,6 +115,14 @@ METHODS: dict[str, Method] = {
         "pema",
         memory_mode="free-running",
     ),
+    # Where the gate keeps the prior alone, pema-fr cannot show what label privacy costs; without
+    # priors the trained adapter is what ships, so this row against pema-noprior can.
+    "pema-noprior-fr": Method(
+        "PEMA without source prior, free-running memory (labels stay with the tenant)",
+        "pema",
+        {"source_prior": 0.0},
+        memory_mode="free-running",
+    ),
     "pema-mix": Method(
         "PEMA-mix (AdaMix on PEMA, M 4, consistency 100)",
         "pema",

@@ -330,10 +330,7 @@ class CoordinatorClient:
     def encode_request(
         self, items: Sequence[EncodeItem], mode: MemoryMode
     ) -> Iterator[pb.EncodeResult]:
-        request = pb.EncodeRequest(
-            mode=MODES[mode],
-            items=[pb.EncodeItem(prompt=list(i.prompt), target=list(i.target)) for i in items],
-        )
+        request = pb.EncodeRequest(mode=MODES[mode], items=[wire_item(i, mode) for i in items])
         return self._stream(
             "Encode",
             lambda: self.stub.Encode(request, metadata=self.metadata, timeout=self.config.timeout),
@@ -343,6 +340,15 @@ class CoordinatorClient:
         return self.stub.Decode(
             requests, metadata=self.metadata, timeout=self.config.stream_timeout
         )
+
+
+def wire_item(item: EncodeItem, mode: MemoryMode) -> pb.EncodeItem:
+    """What an Encode request carries of one training pair: the allow-list. Teacher forcing
+    needs the gold target as the model's input; free-running decodes from the prompt alone and
+    reads only how many steps to take, so zeros stand in for the target: the labels stay with
+    the tenant, and the owner learns each target's length in tokens, nothing more."""
+    target = list(item.target) if mode == MemoryMode.TEACHER_FORCED else [0] * len(item.target)
+    return pb.EncodeItem(prompt=list(item.prompt), target=target)
 
 
 def _cached_dir(root: Path, name: str, files: dict[str, bytes]) -> Path:

@@ -183,7 +183,20 @@ def test_model_info_and_tokenizer(env: Env) -> None:
 
 
 @pytest.mark.parametrize("mode", [MemoryMode.TEACHER_FORCED, MemoryMode.FREE_RUNNING])
-def test_encode_matches_in_process(env: Env, mode: MemoryMode) -> None:
+def test_encode_matches_in_process(
+    env: Env, mode: MemoryMode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = env.server.service
+    parse = service._parse
+    received: list[pb.EncodeItem] = []
+
+    def recording(cls: Any, raw: bytes) -> Any:  # what the server parses off the wire
+        message = parse(cls, raw)
+        if isinstance(message, pb.EncodeRequest):
+            received.extend(message.items)
+        return message
+
+    monkeypatch.setattr(service, "_parse", recording)
     items = env.items(12)
     got = env.backbone("alpha").encode(items, mode)
     want = env.local.encode(items, mode)
@@ -191,6 +204,14 @@ def test_encode_matches_in_process(env: Env, mode: MemoryMode) -> None:
         assert g.keys.shape == w.keys.shape
         torch.testing.assert_close(g.keys, w.keys, atol=2e-2, rtol=1e-3)  # fp16 on the wire
         assert g.generated == w.generated
+    # The gold targets reach the owner only under teacher forcing; free-running sends lengths.
+    assert [list(r.prompt) for r in received] == [list(i.prompt) for i in items]
+    sent = [list(r.target) for r in received]
+    if mode == MemoryMode.TEACHER_FORCED:
+        assert sent == [list(i.target) for i in items]
+    else:
+        assert sent == [[0] * len(i.target) for i in items]
+        assert all(any(i.target) for i in items)  # so the zeros are not the real labels
 
 
 def test_decode_matches_in_process_forward(env: Env) -> None:

@@ -331,7 +331,11 @@ class EncodeItem(_message.Message):
     @_builtins.property
     def prompt(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
-    def target(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def target(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Teacher-forced: the gold target's ids. Free-running: only its length is read, and tenants
+        send zeros, so the labels never leave them (tenant.coordinator_client.wire_item).
+        """
+
     def __init__(
         self,
         *,
