@@ -190,4 +190,8 @@ def test_learning_curve_points_sit_beside_the_default_entry_and_are_reported(
     curve = md[md.index("## kjv_web: learning curve") :]
     assert "| 1000 | 2 | pema | 0 |" in curve and "| 40.0 |" in curve
     assert "| 5000 | 1 | pema | 0 |" in curve and "| 50.0 |" in curve
+    # The main table prices each row against the default, from the outputs: here PEMA's are
+    # the references themselves, so copying the source is well below it.
+    copy_row = next(x for x in md.splitlines() if x.startswith("| copy |"))
+    assert copy_row.split("|")[-2].strip().startswith("-")
     assert (tmp_path / "curve-kjv_web.png").is_file()
