@@ -18,7 +18,11 @@ from pema.evaluation import paired_bootstrap
 from pema.settings import prior_label
 
 
-def _interval(d: dict[str, Any]) -> str:
+def _interval(row: dict[str, Any], name: str) -> str:
+    """The row's paired-bootstrap difference to baseline `name` (task_rows), or '' without one."""
+    if name not in row:
+        return ""
+    d = row[name]
     text = f"{d['delta']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
     return text if d["significant"] else f"{text} n.s."
 
@@ -162,9 +166,9 @@ def write_report(doc: dict[str, Any], folder: Path) -> None:
                 f"| {_num(epochs)}{f' ({best})' if best else ''} | {_num(r.get('train_seconds'))} "
                 f"| {_num(r.get('peak_rss_mib'))} | {_num(trained_params(r), ',')} "
                 f"| {_num(valid_chrf(r), '.1f')} | {r['test']['bleu']:.1f} | {r['test']['chrf']:.1f} "
-                f"| {_interval(r['vs_untuned']) if 'vs_untuned' in r else ''} "
-                f"| {_interval(r['vs_lora']) if 'vs_lora' in r else ''} "
-                f"| {_interval(r['vs_default']) if 'vs_default' in r else ''} |"
+                f"| {_interval(r, 'vs_untuned')} "
+                f"| {_interval(r, 'vs_lora')} "
+                f"| {_interval(r, 'vs_default')} |"
             )
         choice = next(
             (
@@ -282,8 +286,8 @@ def curves(doc: dict[str, Any], folder: Path) -> list[str]:
                     f"| {r['seed'] if METHODS[r['method']].seeded else ''} "
                     f"| {_num(r.get('train_seconds'))} | {_num(r.get('peak_rss_mib'))} "
                     f"| {r['test']['chrf']:.1f} "
-                    f"| {_interval(r['vs_untuned']) if 'vs_untuned' in r else ''} "
-                    f"| {_interval(r['vs_lora']) if 'vs_lora' in r else ''} |"
+                    f"| {_interval(r, 'vs_untuned')} "
+                    f"| {_interval(r, 'vs_lora')} |"
                 )
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for method, by_pairs in sorted(series.items()):
