@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pema.argtypes import positive_int
+from pema.errors import DataError, PemaError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPE = "float32"  # every method generates and trains in this dtype
@@ -216,7 +217,7 @@ def rows(p: Protocol) -> Rows:
     files = _files(p)
     valid = read_pairs(files["valid"])
     if len(valid) < p.select_pairs + p.stop_pairs:
-        raise SystemExit(f"valid.tsv has {len(valid)} rows: the prefix and suffix would overlap")
+        raise DataError(f"valid.tsv has {len(valid)} rows: the prefix and suffix would overlap")
     return Rows(
         read_pairs(files["train"], p.train_pairs),
         valid[: p.select_pairs],
@@ -654,12 +655,17 @@ def run_cell(p: Protocol, method_name: str, seed: int) -> dict[str, Any]:
     }
 
 
+def model_task(p: Protocol) -> str:
+    """The task's name, and the model's where it is not the default (kjv_web-gemma-3-270m)."""
+    return p.task + (f"-{Path(p.model).name}" if p.model else "")
+
+
 def task_key(p: Protocol) -> str:
-    """compare.json's entry for a protocol: the task's name at the default training pairs and
+    """compare.json's entry for a protocol: model_task at the default training pairs and
     epochs; learning-curve points sit beside it (kjv_web-n5000-e1: 5,000 pairs, 1 epoch)."""
     d = Protocol(p.task)
     changed = (("n", p.train_pairs, d.train_pairs), ("e", p.max_epochs, d.max_epochs))
-    return p.task + "".join(f"-{tag}{v}" for tag, v, default in changed if v != default)
+    return model_task(p) + "".join(f"-{tag}{v}" for tag, v, default in changed if v != default)
 
 
 class Store:
@@ -675,9 +681,16 @@ class Store:
         # Fields added to Protocol later read as their defaults in older files.
         entry["protocol"] = {**asdict(Protocol(p.task)), **entry["protocol"]}
         if entry["protocol"] != asdict(p):
-            print(f"[{key}] protocol changed: earlier cells dropped", file=sys.stderr)
-            entry.clear()
-            entry.update({"protocol": asdict(p), "cells": {}})
+            # Cells cost hours here: a run under other conditions must not overwrite them.
+            diff = ", ".join(
+                f"{k} {entry['protocol'][k]!r} -> {v!r}"
+                for k, v in asdict(p).items()
+                if entry["protocol"].get(k) != v
+            )
+            raise PemaError(
+                f"{self.path}: entry {key!r} holds {len(entry['cells'])} cells run under another "
+                f"protocol ({diff}); pass --results to write elsewhere"
+            )
         return entry
 
     def save(self) -> None:
@@ -849,7 +862,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    run_all(args)
+    try:
+        run_all(args)
+    except PemaError as e:
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -251,14 +251,14 @@ CURVE_METHODS = ("copy", "untuned", "pema", "lora")
 def curves(doc: dict[str, Any], folder: Path) -> list[str]:
     """Learning curves: per task, the core rows at every training-pair count run (one
     compare.json entry per count), with their intervals at that count; and curve-<task>.png."""
-    from benchmarks.compare import METHODS, Protocol, rows
+    from benchmarks.compare import METHODS, Protocol, model_task, rows
 
     lines: list[str] = []
     by_task: dict[str, list[tuple[Protocol, dict[str, Any]]]] = {}
     for key, entry in doc.items():
         if key != "machine":
             p = Protocol(**entry["protocol"])
-            by_task.setdefault(p.task, []).append((p, entry))
+            by_task.setdefault(model_task(p), []).append((p, entry))
     for task, points in by_task.items():
         if len({p.train_pairs for p, _ in points}) < 2:
             continue

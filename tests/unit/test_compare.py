@@ -195,3 +195,35 @@ def test_learning_curve_points_sit_beside_the_default_entry_and_are_reported(
     copy_row = next(x for x in md.splitlines() if x.startswith("| copy |"))
     assert copy_row.split("|")[-2].strip().startswith("-")
     assert (tmp_path / "curve-kjv_web.png").is_file()
+
+
+def test_another_models_cells_sit_beside_the_default_models(tmp_path: Path) -> None:
+    from benchmarks.compare import Store, task_key
+
+    path = tmp_path / "compare.json"
+    default, gemma = Protocol("kjv_web"), Protocol("kjv_web", model="/models/gemma-3-270m")
+    assert task_key(gemma) == "kjv_web-gemma-3-270m"
+    store = Store(path)
+    store.task(default)["cells"]["copy"] = {"test": {"chrf": 1.0}}
+    store.task(gemma)["cells"]["copy"] = {"test": {"chrf": 2.0}}
+    store.save()
+    doc = Store(path).doc
+    assert doc["kjv_web"]["cells"]["copy"]["test"]["chrf"] == 1.0
+    assert doc["kjv_web-gemma-3-270m"]["cells"]["copy"]["test"]["chrf"] == 2.0
+
+
+def test_a_run_under_another_protocol_refuses_and_keeps_the_cells(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.compare import Store, main
+
+    path = tmp_path / "compare.json"
+    store = Store(path)
+    store.task(Protocol("kjv_web"))["cells"]["copy"] = {"test": {"chrf": 1.0}}
+    store.save()
+    before = path.read_bytes()
+    argv = ["--tasks", "kjv_web", "--methods", "copy", "--test-pairs", "20", "--results", str(path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "test_pairs 200 -> 20" in err and "1 cells" in err
+    assert path.read_bytes() == before
