@@ -682,10 +682,12 @@ class Store:
         entry["protocol"] = {**asdict(Protocol(p.task)), **entry["protocol"]}
         if entry["protocol"] != asdict(p):
             # Cells cost hours here: a run under other conditions must not overwrite them.
+            old, new = entry["protocol"], asdict(p)
+            # Over both key sets: a field since removed from Protocol is a difference too.
             diff = ", ".join(
-                f"{k} {entry['protocol'][k]!r} -> {v!r}"
-                for k, v in asdict(p).items()
-                if entry["protocol"].get(k) != v
+                f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+                for k in {**old, **new}
+                if old.get(k) != new.get(k)
             )
             raise PemaError(
                 f"{self.path}: entry {key!r} holds {len(entry['cells'])} cells run under another "
