@@ -253,7 +253,7 @@ def _frozen(p: Protocol) -> tuple[Any, Any]:
     from pema.models import DEFAULT_MODEL_NAME, model_revision
 
     model, tokenizer = _load_model(p)
-    name = Path(p.model).name if p.model else DEFAULT_MODEL_NAME
+    name = model_name(p) or DEFAULT_MODEL_NAME
     return FrozenLM(model, name, model_revision(_model_dir(p))), tokenizer
 
 
@@ -282,7 +282,7 @@ def _rho(fmt: Any, pairs: list[Any]) -> float:
 def _memory_path(p: Protocol, split: str, mode: str) -> Path:
     from pema.models import cache_dir
 
-    model = Path(p.model).name if p.model else "default"
+    model = model_name(p) or "default"
     name = f"{p.task}-{model}-n{p.train_pairs}-s{p.stop_pairs}-t{p.max_tokens}-{split}-{mode}"
     return cache_dir() / "compare" / name
 
@@ -655,9 +655,14 @@ def run_cell(p: Protocol, method_name: str, seed: int) -> dict[str, Any]:
     }
 
 
+def model_name(p: Protocol) -> str:
+    """The protocol's model by its folder's name; "" for the default model."""
+    return Path(p.model).name if p.model else ""
+
+
 def model_task(p: Protocol) -> str:
     """The task's name, and the model's where it is not the default (kjv_web-gemma-3-270m)."""
-    return p.task + (f"-{Path(p.model).name}" if p.model else "")
+    return "-".join(x for x in (p.task, model_name(p)) if x)
 
 
 def task_key(p: Protocol) -> str:
