@@ -34,7 +34,9 @@ demo: setup metrics-deps
 	$(BIN)/python -m tenant.demo
 
 test: setup metrics-deps
-	$(BIN)/python -m pytest -q --durations=15 tests
+	# Two workers at most (one per core here); each test file stays whole on one worker, as the
+	# integration files share their services within the file.
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=2 --dist loadfile --durations=15 tests
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit

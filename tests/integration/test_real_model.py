@@ -39,22 +39,22 @@ def test_trained_adapter_beats_untuned_model_on_chrf(tmp_path: Path) -> None:
         "--train", str(DATA / "train.tsv"),
         "--valid", str(DATA / "valid.tsv"),
         "--out", str(out),
-        "--max-pairs", "400",
-        "--max-valid-pairs", "40",
-        "--epochs", "4",
+        "--max-pairs", "200",
+        "--max-valid-pairs", "16",
+        "--epochs", "2",
         "--no-cache",
         "--quiet",
     )  # fmt: skip
     assert train.returncode == 0, train.stderr
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["training"]["train_pairs"] == 400
+    assert config["training"]["train_pairs"] == 200
     assert config["training"]["valid"]["top1"] > config["training"]["valid"]["model_top1"]
 
     evaluate = _cli(
         "evaluate", "--adapter", str(out), "--test", str(DATA / "test.tsv"),
-        "--limit", "40", "--json", "--quiet",
+        "--limit", "24", "--json", "--quiet",
     )  # fmt: skip
     assert evaluate.returncode == 0, evaluate.stderr
     result = json.loads(evaluate.stdout)
-    assert result["n"] == 40
+    assert result["n"] == 24
     assert result["chrf"] > result["untuned_chrf"], result
