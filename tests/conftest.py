@@ -17,6 +17,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# `make test` runs two pytest workers on two cores: every process a test starts (CLIs, servers,
+# SuperNodes) taking a torch thread per core would oversubscribe them (OpenMP threads spin while
+# they wait for each other).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
