@@ -796,7 +796,11 @@ def test_sigterm_after_undecodable_decode_messages_exits_in_time(env: Env, tmp_p
             with pytest.raises(grpc.RpcError) as info:
                 list(call)
             codes.append(info.value.code())
-        assert codes == [C.INVALID_ARGUMENT] * 40
+        # Every call the tenant's limit admits reads the message and refuses it; past the limit
+        # (8 in flight at once, how many overlap depends on the machine's load) a call is refused
+        # before it is read. Either way a clean status, never INTERNAL.
+        assert set(codes) <= {C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED}, codes
+        assert codes.count(C.INVALID_ARGUMENT) >= TenantLimits().max_concurrent_calls, codes
 
         def held() -> Iterator[bytes]:
             yield pb.DecodeRequest(
